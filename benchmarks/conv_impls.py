@@ -1,0 +1,61 @@
+"""Full CapsNet training step with the matmul-form convolutions vs XLA's native convolution.
+
+Prints one JSON line: median seconds per training step (forward, losses, backward, Adam) for each implementation,
+and their ratio. Example: python benchmarks/conv_impls.py --batch-size 100 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from capsjax.model import ModelConfig
+from capsjax.steps import OptimConfig, init_state, make_steps
+
+
+def time_train_step(conv_impl: str, batch_size: int, steps: int) -> tuple[float, float]:
+    """(compile + first step seconds, median seconds of the following steps)."""
+    model_config = dataclasses.replace(ModelConfig(), conv_impl=conv_impl)
+    graphdef, state = init_state(model_config, OptimConfig(), seed=0)
+    step_fns = make_steps(graphdef, OptimConfig())
+    rng = np.random.default_rng(0)
+    images = jax.device_put(rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8), step_fns.data_sharding)
+    labels = jax.device_put(rng.integers(0, 10, (batch_size,)).astype(np.int32), step_fns.data_sharding)
+    start = time.perf_counter()
+    state, metrics = step_fns.train(state, images, labels)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step_fns.train(state, images, labels)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation (after the first)")
+    parser.add_argument("--impls", default="matmul,xla")
+    args = parser.parse_args()
+    result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "batch_size": args.batch_size}
+    for impl in args.impls.split(","):
+        first, median = time_train_step(impl, args.batch_size, args.steps)
+        result[f"{impl}_first_step_s"] = round(first, 3)
+        result[f"{impl}_step_s"] = round(median, 4)
+        result[f"{impl}_train_img_per_s"] = round(args.batch_size / median, 1)
+    if "matmul_step_s" in result and "xla_step_s" in result:
+        result["xla_over_matmul"] = round(result["xla_step_s"] / result["matmul_step_s"], 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The capsule maths of Sabour, Frosst & Hinton (2017) as small pure JAX functions.
+
+Nothing here holds state or parameters: every function maps arrays to arrays and works under ``jit``, ``vmap`` and
+``grad``. Reductions run in at least float32 (bfloat16 inputs are upcast internally and the result is cast back), so
+the same code serves float64 gradient checks and bfloat16 activations.
+
+Shape names used in the docstrings: ``n_in`` child (input) capsules, ``n_out`` parent (output) capsules, ``d`` a
+capsule's pose dimension, ``...`` any leading batch axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = [
+    "safe_norm",
+    "squash",
+    "dynamic_routing",
+    "margin_loss",
+    "reconstruction_loss",
+    "mask_capsules",
+]
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+    """The dtype reductions run in: the input's, but never narrower than float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def safe_norm(s: jax.Array, axis: int = -1, epsilon: float = 1e-7, keepdims: bool = False) -> jax.Array:
+    """Euclidean norm with ``epsilon`` inside the square root: ``sqrt(sum(s**2, axis) + epsilon)``.
+
+    The epsilon keeps the gradient finite at ``s = 0`` (a plain ``jnp.linalg.norm`` gives NaN there).
+
+    Args:
+      s: any array, e.g. capsules ``[..., n, d]``.
+      axis: the axis to reduce (the capsule dimension).
+      epsilon: added to the squared norm before the square root.
+      keepdims: keep the reduced axis with size 1.
+
+    Returns:
+      The norms, ``s``'s shape without ``axis`` (or with it as 1), in ``s``'s dtype.
+    """
+    x = s.astype(_compute_dtype(s.dtype))
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims) + epsilon)
+    return norm.astype(s.dtype)
+
+
+def squash(s: jax.Array, axis: int = -1, epsilon: float = 1e-7) -> jax.Array:
+    """The capsule non-linearity (paper eq. 1): ``|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + epsilon)``.
+
+    Short vectors shrink towards length 0, long ones towards length 1; the direction is kept. The epsilon sits inside
+    the square root, so ``squash(0) = 0`` with a finite gradient.
+
+    Args:
+      s: vectors ``[..., d]`` (or with the vector axis at ``axis``).
+      axis: the vector axis.
+      epsilon: added to the squared norm inside the square root.
+
+    Returns:
+      The squashed vectors, same shape and dtype as ``s``.
+    """
+    x = s.astype(_compute_dtype(s.dtype))
+    squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    scale = squared_norm / (1.0 + squared_norm) / jnp.sqrt(squared_norm + epsilon)
+    return (scale * x).astype(s.dtype)
+
+
+def dynamic_routing(
+    u_hat: jax.Array,
+    num_iterations: int = 3,
+    stop_gradient: bool = False,
+    return_coupling: bool = False,
+    bias: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Routing by agreement (Procedure 1 of the paper).
+
+    ``b = 0``; ``num_iterations`` times: ``c = softmax(b)`` over the parents ``j``; ``s_j = sum_i c_ij u_hat_j|i``;
+    ``v_j = squash(s_j)``; ``b_ij += u_hat_j|i . v_j``. The update of ``b`` after the last iteration cannot change ``v``
+    and is skipped, so ``num_iterations=1`` means uniform coupling and no agreement step. The loop is a
+    ``lax.fori_loop`` (one compiled body whatever the iteration count).
+
+    Args:
+      u_hat: predictions of the child capsules for their parents, ``[..., n_in, n_out, d]``.
+      num_iterations: routing iterations ``r >= 1`` (3 in the paper).
+      stop_gradient: if True, gradients reach ``u_hat`` only through the final iteration (the agreement logits are
+        computed from a stopped copy), a common speed-up; the default lets them flow through every iteration, as in
+        the paper's formulation.
+      return_coupling: also return the coupling coefficients ``c`` used in the final iteration.
+      bias: optional ``[n_out, d]`` added to every ``s_j`` before the squash (the per-parent bias of the authors'
+        released code; not in the paper).
+
+    Returns:
+      ``v`` of shape ``[..., n_out, d]`` in ``u_hat``'s dtype, or ``(v, c)`` with ``c`` of shape
+      ``[..., n_in, n_out]`` (float32 or wider) summing to 1 over ``n_out``.
+    """
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+    if u_hat.ndim < 3:
+        raise ValueError(f"u_hat must have shape [..., n_in, n_out, d], got {u_hat.shape}")
+    u = u_hat.astype(_compute_dtype(u_hat.dtype))
+    u_for_agreement = lax.stop_gradient(u) if stop_gradient else u
+
+    def route(b, u):
+        c = jax.nn.softmax(b, axis=-1)
+        s = jnp.einsum("...ij,...ijd->...jd", c, u)
+        return c, squash(s if bias is None else s + bias.astype(s.dtype))
+
+    def agreement_step(_, b):
+        _, v = route(b, u_for_agreement)
+        return b + jnp.einsum("...ijd,...jd->...ij", u_for_agreement, v)
+
+    b = jnp.zeros(u.shape[:-1], u.dtype)
+    b = lax.fori_loop(0, num_iterations - 1, agreement_step, b)
+    c, v = route(b, u)
+    v = v.astype(u_hat.dtype)
+    return (v, c) if return_coupling else v
+
+
+def margin_loss(
+    lengths: jax.Array,
+    labels: jax.Array,
+    m_plus: float = 0.9,
+    m_minus: float = 0.1,
+    lambda_: float = 0.5,
+) -> jax.Array:
+    """Margin loss (paper eq. 4), summed over classes, one value per example.
+
+    ``L = sum_k T_k max(0, m_plus - |v_k|)^2 + lambda_ (1 - T_k) max(0, |v_k| - m_minus)^2``.
+
+    Args:
+      lengths: capsule lengths ``[..., n_classes]``.
+      labels: integer class ids ``[...]``, or k-hot targets ``[..., n_classes]`` (e.g. two digits in MultiMNIST).
+      m_plus, m_minus, lambda_: the paper's 0.9, 0.1 and 0.5.
+
+    Returns:
+      The loss per example, shape ``[...]``, in float32 or wider.
+    """
+    x = lengths.astype(_compute_dtype(lengths.dtype))
+    if labels.ndim == lengths.ndim:
+        targets = labels.astype(x.dtype)
+    elif labels.ndim == lengths.ndim - 1:
+        targets = jax.nn.one_hot(labels, lengths.shape[-1], dtype=x.dtype)
+    else:
+        raise ValueError(f"labels {labels.shape} must be class ids [...] or targets [..., k] for lengths {lengths.shape}")
+    present = targets * jnp.square(jnp.maximum(0.0, m_plus - x))
+    absent = lambda_ * (1.0 - targets) * jnp.square(jnp.maximum(0.0, x - m_minus))
+    return jnp.sum(present + absent, axis=-1)
+
+
+def reconstruction_loss(images: jax.Array, reconstructions: jax.Array, reduction: str = "sum") -> jax.Array:
+    """Squared reconstruction error per example (the first axis is the batch).
+
+    Args:
+      images: targets ``[batch, ...]`` (e.g. ``[B, H, W, C]`` in ``[0, 1]``).
+      reconstructions: same number of elements per example as ``images`` (e.g. ``[B, H*W*C]``).
+      reduction: ``"sum"`` over pixels (the paper's, scaled by 0.0005 in the total loss) or ``"mean"`` (the widely
+        copied tutorial's, 784 times weaker on MNIST).
+
+    Returns:
+      The loss per example, shape ``[batch]``, in float32 or wider.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if images.size != reconstructions.size or images.shape[:1] != reconstructions.shape[:1]:
+        raise ValueError(f"images {images.shape} and reconstructions {reconstructions.shape} do not match")
+    dtype = _compute_dtype(jnp.result_type(images.dtype, reconstructions.dtype))
+    x = images.reshape(images.shape[0], -1).astype(dtype)
+    y = reconstructions.reshape(images.shape[0], -1).astype(dtype)
+    squared_error = jnp.square(x - y)
+    return jnp.sum(squared_error, axis=-1) if reduction == "sum" else jnp.mean(squared_error, axis=-1)
+
+
+def mask_capsules(capsules: jax.Array, labels: jax.Array | None = None) -> jax.Array:
+    """Zero every capsule but one per example: the labelled one (training) or the longest one (inference).
+
+    Args:
+      capsules: ``[..., n_out, d]``.
+      labels: class ids ``[...]``; ``None`` picks the longest capsule.
+
+    Returns:
+      Same shape and dtype as ``capsules``.
+    """
+    if labels is None:
+        labels = jnp.argmax(safe_norm(capsules, axis=-1), axis=-1)
+    mask = jax.nn.one_hot(labels, capsules.shape[-2], dtype=capsules.dtype)
+    return capsules * mask[..., None]
