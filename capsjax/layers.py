@@ -43,7 +43,7 @@ class Conv2D(nnx.Module):
         if self.dtype is not None:
             x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         y = conv2d(x, kernel, self.stride, self.impl)
-        return y.astype(jnp.float32) + self.bias[...]
+        return y.astype(jnp.float32) + self.bias[...][None, None, None, :]
 
 
 class PrimaryCapsules(nnx.Module):

@@ -106,7 +106,7 @@ def dynamic_routing(
     def route(b, u):
         c = jax.nn.softmax(b, axis=-1)
         s = jnp.einsum("...ij,...ijd->...jd", c, u)
-        return c, squash(s if bias is None else s + bias.astype(s.dtype))
+        return c, squash(s if bias is None else s + jnp.broadcast_to(bias.astype(s.dtype), s.shape))
 
     def agreement_step(_, b):
         _, v = route(b, u_for_agreement)

@@ -1,0 +1,221 @@
+"""The pure capsule ops against NumPy references, hand values and numerical gradients."""
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from jax.test_util import check_grads
+
+import capsjax
+from capsjax import ops
+
+RNG = np.random.default_rng(0)
+
+
+# --- NumPy references, written independently of the JAX code --------------------------------------------------------
+
+
+def np_squash(s, eps=1e-7):
+    n2 = (s**2).sum(-1, keepdims=True)
+    return n2 / (1 + n2) * s / np.sqrt(n2 + eps)
+
+
+def np_routing(u_hat, iterations):
+    """Procedure 1 with explicit per-example loops: u_hat [B, n_in, n_out, d]."""
+    batch, n_in, n_out, _ = u_hat.shape
+    vs, cs = [], []
+    for b_idx in range(batch):
+        u = u_hat[b_idx].astype(np.float64)
+        logits = np.zeros((n_in, n_out))
+        for r in range(iterations):
+            c = np.exp(logits - logits.max(1, keepdims=True))
+            c /= c.sum(1, keepdims=True)
+            s = np.zeros((n_out, u.shape[-1]))
+            for i in range(n_in):
+                s += c[i][:, None] * u[i]
+            v = np_squash(s)
+            if r < iterations - 1:
+                for i in range(n_in):
+                    logits[i] += (u[i] * v).sum(-1)
+        vs.append(v)
+        cs.append(c)
+    return np.stack(vs), np.stack(cs)
+
+
+def np_margin(lengths, labels, m_plus=0.9, m_minus=0.1, lam=0.5):
+    t = np.eye(lengths.shape[-1])[labels]
+    return (t * np.maximum(0, m_plus - lengths) ** 2 + lam * (1 - t) * np.maximum(0, lengths - m_minus) ** 2).sum(-1)
+
+
+# --- values ------------------------------------------------------------------------------------------------------------
+
+
+def test_safe_norm_matches_numpy():
+    s = RNG.normal(size=(5, 7, 16)).astype(np.float32)
+    np.testing.assert_allclose(capsjax.safe_norm(s), np.sqrt((s**2).sum(-1) + 1e-7), rtol=1e-6)
+    np.testing.assert_allclose(
+        capsjax.safe_norm(s, axis=1, keepdims=True), np.sqrt((s**2).sum(1, keepdims=True) + 1e-7), rtol=1e-6
+    )
+
+
+def test_squash_matches_numpy_and_hand_value():
+    s = RNG.normal(size=(4, 10, 16)).astype(np.float32) * 3
+    np.testing.assert_allclose(capsjax.squash(s), np_squash(s), rtol=1e-5, atol=1e-6)
+    # |(3, 4)| = 5: length 25/26, direction kept.
+    np.testing.assert_allclose(capsjax.squash(jnp.array([3.0, 4.0])), np.array([3, 4]) / 5 * 25 / 26, rtol=1e-6)
+    assert np.all(np.asarray(capsjax.squash(jnp.zeros((3, 8)))) == 0)
+    # squash along another axis is squash of the transposed array
+    np.testing.assert_allclose(capsjax.squash(s, axis=1), np.swapaxes(np_squash(np.swapaxes(s, 1, 2)), 1, 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
+def test_routing_matches_unrolled_numpy_loop(iterations):
+    u_hat = (RNG.normal(size=(3, 12, 4, 6)) * 0.5).astype(np.float32)
+    v, c = capsjax.dynamic_routing(jnp.asarray(u_hat), iterations, return_coupling=True)
+    v_ref, c_ref = np_routing(u_hat, iterations)
+    assert v.shape == (3, 4, 6) and c.shape == (3, 12, 4)
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c, c_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_one_iteration_is_uniform_coupling():
+    u_hat = RNG.normal(size=(2, 9, 5, 4)).astype(np.float32)
+    v, c = capsjax.dynamic_routing(jnp.asarray(u_hat), 1, return_coupling=True)
+    np.testing.assert_allclose(c, np.full((2, 9, 5), 0.2), rtol=1e-6)
+    np.testing.assert_allclose(v, np_squash(u_hat.mean(1) * 9 / 5), rtol=1e-5, atol=1e-6)
+
+
+def test_coupling_sums_to_one_over_parents_and_agreement_moves_it():
+    u_hat = RNG.normal(size=(2, 30, 10, 16)).astype(np.float32)
+    _, c = capsjax.dynamic_routing(jnp.asarray(u_hat), 3, return_coupling=True)
+    np.testing.assert_allclose(np.asarray(c).sum(-1), 1.0, rtol=1e-6)
+    assert np.asarray(c).std() > 1e-3  # not uniform after agreement steps
+    # the axis is the parents': uniform over children would make c.sum(-2) == 1 instead
+    assert not np.allclose(np.asarray(c).sum(-2), 1.0)
+
+
+def test_routing_leading_batch_axes_and_vmap():
+    u_hat = RNG.normal(size=(2, 3, 8, 4, 5)).astype(np.float32)
+    v = capsjax.dynamic_routing(jnp.asarray(u_hat))
+    v_vmap = jax.vmap(capsjax.dynamic_routing)(jnp.asarray(u_hat))
+    v_ref, _ = np_routing(u_hat.reshape(6, 8, 4, 5), 3)
+    np.testing.assert_allclose(v, v_ref.reshape(2, 3, 4, 5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v_vmap, v, rtol=1e-6, atol=1e-7)
+
+
+def test_routing_bias_is_added_before_squash():
+    u_hat = RNG.normal(size=(2, 6, 3, 4)).astype(np.float32)
+    bias = RNG.normal(size=(3, 4)).astype(np.float32)
+    v, c = capsjax.dynamic_routing(jnp.asarray(u_hat), 1, return_coupling=True, bias=jnp.asarray(bias))
+    s = np.einsum("bij,bijd->bjd", np.asarray(c), u_hat) + bias
+    np.testing.assert_allclose(v, np_squash(s), rtol=1e-5, atol=1e-6)
+
+
+def test_margin_loss_matches_numpy_and_hand_value():
+    lengths = RNG.uniform(size=(6, 10)).astype(np.float32)
+    labels = RNG.integers(0, 10, 6)
+    np.testing.assert_allclose(capsjax.margin_loss(lengths, labels), np_margin(lengths, labels), rtol=1e-6)
+    # one example, 2 classes: label 0 with length 0.5 -> 0.4^2; class 1 with length 0.3 -> 0.5 * 0.2^2
+    np.testing.assert_allclose(capsjax.margin_loss(jnp.array([[0.5, 0.3]]), jnp.array([0])), [0.16 + 0.02], rtol=1e-6)
+    # k-hot targets give the same loss as ids for one-hot, and count both digits for two-hot
+    np.testing.assert_allclose(
+        capsjax.margin_loss(lengths, jax.nn.one_hot(labels, 10)), np_margin(lengths, labels), rtol=1e-6
+    )
+    two_hot = np.zeros((1, 3))
+    two_hot[0, [0, 2]] = 1
+    np.testing.assert_allclose(capsjax.margin_loss(jnp.array([[0.5, 0.3, 1.0]]), two_hot), [0.16 + 0.02], rtol=1e-6)
+
+
+def test_reconstruction_loss_sum_and_mean():
+    images = RNG.uniform(size=(4, 28, 28, 1)).astype(np.float32)
+    recon = RNG.uniform(size=(4, 784)).astype(np.float32)
+    sse = ((images.reshape(4, -1) - recon) ** 2).sum(-1)
+    np.testing.assert_allclose(capsjax.reconstruction_loss(images, recon), sse, rtol=1e-5)
+    np.testing.assert_allclose(capsjax.reconstruction_loss(images, recon, "mean"), sse / 784, rtol=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        capsjax.reconstruction_loss(images, recon, "max")
+    with pytest.raises(ValueError, match="do not match"):
+        capsjax.reconstruction_loss(images, recon[:, :100])
+
+
+def test_mask_capsules_by_label_and_by_length():
+    caps = RNG.normal(size=(3, 5, 4)).astype(np.float32)
+    labels = np.array([4, 0, 2])
+    masked = np.asarray(capsjax.mask_capsules(jnp.asarray(caps), jnp.asarray(labels)))
+    expected = np.zeros_like(caps)
+    expected[np.arange(3), labels] = caps[np.arange(3), labels]
+    np.testing.assert_array_equal(masked, expected)
+    longest = np.linalg.norm(caps, axis=-1).argmax(-1)
+    masked = np.asarray(capsjax.mask_capsules(jnp.asarray(caps)))
+    expected = np.zeros_like(caps)
+    expected[np.arange(3), longest] = caps[np.arange(3), longest]
+    np.testing.assert_array_equal(masked, expected)
+
+
+# --- gradients ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-12, 1e-6, 1e-3, 1.0])
+def test_squash_and_safe_norm_gradients_finite_and_correct_near_zero(scale):
+    with jax.enable_x64(True):
+        s = jnp.asarray(RNG.normal(size=(3, 8)) * scale, jnp.float64)
+        check_grads(lambda x: ops.squash(x), (s,), order=2, modes=("fwd", "rev"), eps=1e-4 if scale >= 1 else 1e-6)
+        check_grads(lambda x: ops.safe_norm(x), (s,), order=2, modes=("fwd", "rev"), eps=1e-4 if scale >= 1 else 1e-6)
+        grads = jax.grad(lambda x: jnp.sum(ops.squash(x)) + jnp.sum(ops.safe_norm(x)))(s)
+        assert np.all(np.isfinite(np.asarray(grads)))
+
+
+def test_gradient_at_exact_zero_is_finite_in_float32():
+    zero = jnp.zeros((2, 16), jnp.float32)
+    for fn in (ops.squash, ops.safe_norm):
+        g = jax.grad(lambda x: jnp.sum(fn(x)))(zero)
+        assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_routing_gradients_match_finite_differences():
+    with jax.enable_x64(True):
+        u_hat = jnp.asarray(RNG.normal(size=(2, 5, 3, 4)), jnp.float64)
+        check_grads(lambda u: capsjax.dynamic_routing(u, 3), (u_hat,), order=1, modes=("rev",), eps=1e-5)
+
+
+def test_routing_stop_gradient_same_value_different_gradient():
+    u_hat = jnp.asarray(RNG.normal(size=(2, 7, 3, 4)), jnp.float32)
+    f = lambda u, sg: jnp.sum(capsjax.dynamic_routing(u, 3, stop_gradient=sg) ** 2)  # noqa: E731
+    np.testing.assert_allclose(f(u_hat, True), f(u_hat, False), rtol=1e-6)
+    g_full, g_stop = jax.grad(f)(u_hat, False), jax.grad(f)(u_hat, True)
+    assert np.all(np.isfinite(np.asarray(g_stop)))
+    assert not np.allclose(g_full, g_stop, rtol=1e-3)
+
+
+# --- transformations and dtypes ----------------------------------------------------------------------------------------
+
+
+def test_jit_equals_no_jit():
+    u_hat = jnp.asarray(RNG.normal(size=(2, 16, 10, 8)), jnp.float32)
+    lengths = jnp.asarray(RNG.uniform(size=(4, 10)), jnp.float32)
+    labels = jnp.asarray([1, 2, 3, 4])
+    np.testing.assert_allclose(jax.jit(capsjax.dynamic_routing)(u_hat), capsjax.dynamic_routing(u_hat), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(capsjax.squash)(u_hat), capsjax.squash(u_hat), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(capsjax.margin_loss)(lengths, labels), capsjax.margin_loss(lengths, labels))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64, jnp.bfloat16])
+def test_ops_in_every_dtype(dtype):
+    with jax.enable_x64(dtype == jnp.float64):
+        u_hat = jnp.asarray(RNG.normal(size=(2, 10, 4, 6)) * 0.5).astype(dtype)
+        v = capsjax.dynamic_routing(u_hat)
+        assert v.dtype == dtype
+        v_ref, _ = np_routing(np.asarray(u_hat.astype(jnp.float32)), 3)
+        tol = 2e-2 if dtype == jnp.bfloat16 else 1e-5
+        np.testing.assert_allclose(np.asarray(v.astype(jnp.float32)), v_ref, rtol=tol, atol=tol)
+        assert capsjax.squash(u_hat).dtype == dtype
+        assert capsjax.safe_norm(u_hat).dtype == dtype
+        grad = jax.grad(lambda u: jnp.sum(capsjax.dynamic_routing(u).astype(jnp.float32)))(u_hat)
+        assert grad.dtype == dtype and np.all(np.isfinite(np.asarray(grad.astype(jnp.float32))))
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="num_iterations"):
+        capsjax.dynamic_routing(jnp.zeros((2, 3, 4)), 0)
+    with pytest.raises(ValueError, match="n_in, n_out, d"):
+        capsjax.dynamic_routing(jnp.zeros((3, 4)))
