@@ -46,7 +46,7 @@ class TrainState(struct.PyTreeNode):
     step: jax.Array
     params: Any
     opt_state: Any
-    key: jax.Array  # base key; step keys are fold_in(key, step)
+    key: jax.Array  # raw data of the base key (uint32); step keys are fold_in(key, step)
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
@@ -90,8 +90,9 @@ def compute_losses(output, images: jax.Array, labels: jax.Array, config: LossCon
 class Steps:
     """The jit-compiled steps of one model on one mesh.
 
-    ``train(state, images, labels) -> (state, metrics)`` and ``evaluate(params, images, labels) -> sums`` take uint8
-    or float images ``[B, H, W, C]`` and int labels ``[B]`` sharded along the mesh's ``data`` axis.
+    ``train(state, images, labels) -> (state, metrics)``, ``evaluate(params, images, labels, mask) -> sums`` and
+    ``predict(params, images) -> CapsNetOutput`` take uint8 or float images ``[B, H, W, C]``, int labels ``[B]`` and a
+    0/1 mask ``[B]``, sharded along the mesh's ``data`` axis.
     """
 
     graphdef: Any
@@ -126,7 +127,9 @@ def init_state(
     def create():
         params_key, base_key = jax.random.split(jax.random.key(seed))
         _, params = nnx.split(CapsNet(model_config, rngs=nnx.Rngs(params_key)))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=base_key)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=jax.random.key_data(base_key)
+        )
 
     state = jax.jit(create, out_shardings=NamedSharding(mesh, P()))()
     return graphdef, state
@@ -162,7 +165,7 @@ def make_steps(
     def train_step(state: TrainState, images, labels):
         images = to_unit_float(images)
         if augment is not None:
-            images = augment(jax.random.fold_in(state.key, state.step), images)
+            images = augment(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step), images)
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, images, labels)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -170,23 +173,28 @@ def make_steps(
         metrics["grad_norm"] = optax.global_norm(grads)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def eval_step(params, images, labels):
-        """Sums over the batch (masking by the prediction): loss terms, correct count, confusion matrix."""
+    def eval_step(params, images, labels, mask):
+        """Sums over the examples where ``mask`` is 1 (padding has 0), decoding the predicted class: loss terms,
+        correct count, confusion matrix."""
         images = to_unit_float(images)
         model = nnx.merge(graphdef, params)
         out = model(images)
         num_classes = out.lengths.shape[-1]
         margin = ops.margin_loss(out.lengths, labels, loss_config.m_plus, loss_config.m_minus, loss_config.lambda_)
         preds = jnp.argmax(out.lengths, axis=-1)
+        weight = mask.astype(jnp.float32)
         sums = {
-            "margin_loss": jnp.sum(margin),
-            "correct": jnp.sum(preds == labels),
-            "count": jnp.asarray(labels.shape[0], jnp.float32),
-            "confusion": jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, preds].add(1),
+            "margin_loss": jnp.sum(margin * weight),
+            "correct": jnp.sum((preds == labels) * weight),
+            "count": jnp.sum(weight),
+            "confusion": jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, preds].add(mask.astype(jnp.int32)),
         }
+        loss = margin
         if out.reconstructions is not None:
             recon = ops.reconstruction_loss(images, out.reconstructions, loss_config.recon_reduction)
-            sums["recon_loss"] = jnp.sum(recon)
+            sums["recon_loss"] = jnp.sum(recon * weight)
+            loss = loss + loss_config.recon_weight * recon
+        sums["loss"] = jnp.sum(loss * weight)
         return sums
 
     def predict_step(params, images):
@@ -204,6 +212,6 @@ def make_steps(
             out_shardings=(replicated, replicated),
             donate_argnums=0,
         ),
-        evaluate=jax.jit(eval_step, in_shardings=(replicated, data, data), out_shardings=replicated),
+        evaluate=jax.jit(eval_step, in_shardings=(replicated, data, data, data), out_shardings=replicated),
         predict=jax.jit(predict_step, in_shardings=(replicated, data), out_shardings=data),
     )

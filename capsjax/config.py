@@ -1,0 +1,213 @@
+"""Training configuration: one frozen dataclass, named presets, dotted overrides, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from capsjax.model import ModelConfig
+from capsjax.steps import LossConfig, OptimConfig
+
+
+class ConfigError(ValueError):
+    """A preset, override or config file that cannot be used; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on. Written to ``<workdir>/config.json`` with the run."""
+
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    train_examples: int | None = None  # use only the first N training examples (after the validation hold-out)
+    validation_examples: int = 5000  # the LAST N training examples are held out for validation; 0: validate on test
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    epochs: int = 50
+    max_shift: int = 2  # random translation of up to this many pixels, zero padded (the paper's augmentation)
+    seed: int = 0
+    log_every_steps: int = 50
+    checkpoint_every_steps: int = 1000
+    keep_checkpoints: int = 2
+    progress: bool = True  # progress bar (only drawn on a terminal)
+
+    def __post_init__(self):
+        positive = ("batch_size", "eval_batch_size", "epochs", "log_every_steps", "checkpoint_every_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_shift < 0 or self.validation_examples < 0:
+            raise ConfigError("max_shift and validation_examples must be >= 0")
+        if self.train_examples is not None and self.train_examples < 1:
+            raise ConfigError(f"train_examples must be >= 1, got {self.train_examples}")
+        if self.loss.recon_reduction not in ("sum", "mean"):
+            raise ConfigError(f"loss.recon_reduction must be 'sum' or 'mean', got {self.loss.recon_reduction!r}")
+
+
+def _default() -> TrainConfig:
+    """The paper: batch 128, Adam 1e-3 x0.96 every 2000 steps, 3 routing iterations, +-2 px shifts, 0.0005 * SSE."""
+    return TrainConfig()
+
+
+def _tutorial() -> TrainConfig:
+    """The widely used tutorial notebook's settings: batch 50, no augmentation, 0.0005 * MEAN squared error,
+    2 routing iterations, 10 epochs."""
+    return TrainConfig(
+        model=ModelConfig(routing_iterations=2),
+        loss=LossConfig(recon_reduction="mean"),
+        batch_size=50,
+        max_shift=0,
+        epochs=10,
+    )
+
+
+def _smoke() -> TrainConfig:
+    """A tiny model on synthetic data: seconds on a CPU, for tests and trying the tools."""
+    return TrainConfig(
+        model=ModelConfig(
+            conv1_channels=16, primary_maps=4, primary_dim=4, primary_kernel=9, class_dim=8, decoder_hidden=(64, 128)
+        ),
+        dataset="synthetic",
+        train_examples=256,
+        validation_examples=64,
+        batch_size=32,
+        eval_batch_size=64,
+        epochs=2,
+        log_every_steps=4,
+        checkpoint_every_steps=4,
+    )
+
+
+def _fashion_mnist() -> TrainConfig:
+    """The paper's model and schedule on Fashion-MNIST."""
+    return dataclasses.replace(_default(), dataset="fashion_mnist")
+
+
+def _accelerator() -> TrainConfig:
+    """The paper's model for GPUs and TPUs: bfloat16 convolutions (routing stays float32), batch 512."""
+    return dataclasses.replace(
+        _default(),
+        model=ModelConfig(conv_dtype="bfloat16"),
+        batch_size=512,
+        eval_batch_size=1000,
+        log_every_steps=20,
+    )
+
+
+PRESETS = {
+    "default": _default,
+    "tutorial": _tutorial,
+    "smoke": _smoke,
+    "fashion_mnist": _fashion_mnist,
+    "accelerator": _accelerator,
+}
+
+
+def get_config(name: str = "default") -> TrainConfig:
+    """A named preset: default (the paper), tutorial, smoke, fashion_mnist, accelerator."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Converts a JSON value or a command-line string to the field's declared type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in options:
+                return None
+        inner = [t for t in options if t is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        (inner, *_) = typing.get_args(hint)
+        return tuple(_coerce(v, inner, name) for v in value)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if hint in (int, float, str):
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return hint(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}") from None
+    return value
+
+
+def replace_path(config, path: str, value: Any):
+    """``replace_path(config, "model.routing_iterations", "2")``: a copy with one (nested) field changed."""
+    head, _, rest = path.partition(".")
+    types_ = _field_types(type(config))
+    if head not in types_:
+        raise ConfigError(f"unknown config field {path!r}; fields here: {', '.join(types_)}")
+    if rest:
+        child = getattr(config, head)
+        if not dataclasses.is_dataclass(child):
+            raise ConfigError(f"{head!r} has no sub-fields")
+        new = replace_path(child, rest, value)
+    else:
+        if dataclasses.is_dataclass(types_[head]):
+            raise ConfigError(f"{head!r} is a group of fields; set e.g. {head}.<field>=value")
+        new = _coerce(value, types_[head], path)
+    try:
+        return dataclasses.replace(config, **{head: new})
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"{path}={value!r}: {err}") from None
+
+
+def to_dict(config) -> dict[str, Any]:
+    """Plain JSON-able dict (nested)."""
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls, data: dict[str, Any]):
+    """Rebuilds a (nested) config dataclass from :func:`to_dict`'s output; unknown keys are an error."""
+    types_ = _field_types(cls)
+    unknown = set(data) - set(types_)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = types_[name]
+        kwargs[name] = from_dict(hint, value) if dataclasses.is_dataclass(hint) else _coerce(value, hint, name)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+
+def load_config(path: Path) -> TrainConfig:
+    path = Path(path)
+    try:
+        return from_dict(TrainConfig, json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: is this a capsjax work directory?") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err})") from None

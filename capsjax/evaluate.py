@@ -1,0 +1,194 @@
+"""Evaluation and inference from a work directory: metrics, confusion matrix, figures, one-call prediction."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from capsjax.checkpoint import Checkpoints
+from capsjax.config import ConfigError, TrainConfig, load_config
+from capsjax.model import CapsNetOutput
+from capsjax.steps import Steps, default_mesh, init_state, make_steps
+
+
+def global_batch(sharding, local: np.ndarray) -> jax.Array:
+    """This process's slice of a global batch -> one global array sharded along ``data``."""
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def _padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int):
+    """Yields (mask, *arrays) per global batch; the last batch is zero-padded and masked out.
+
+    In a multi-host run each process yields its own contiguous part of every global batch.
+    """
+    count, index = jax.process_count(), jax.process_index()
+    local = batch_size // count
+    n = len(arrays[0])
+    for start in range(0, n, batch_size):
+        valid = min(batch_size, n - start)
+        mask = np.zeros(batch_size, np.int32)
+        mask[:valid] = 1
+        padded = []
+        for a in arrays:
+            chunk = a[start : start + valid]
+            if valid < batch_size:
+                chunk = np.concatenate([chunk, np.zeros((batch_size - valid, *a.shape[1:]), a.dtype)])
+            padded.append(chunk)
+        yield tuple(x[index * local : (index + 1) * local] for x in (mask, *padded))
+
+
+def evaluate_arrays(
+    steps: Steps, params: Any, images: np.ndarray, labels: np.ndarray, batch_size: int
+) -> dict[str, Any]:
+    """Mean loss terms, accuracy, error rate, per-class accuracy and the confusion matrix (rows: true class) over all
+    ``images`` [N, H, W, C] (uint8 or float in [0, 1]) and ``labels`` [N], decoding the predicted class."""
+    sharding = steps.data_sharding
+    totals = None
+    for mask, x, y in _padded_batches((images, labels.astype(np.int32)), batch_size):
+        sums = steps.evaluate(params, global_batch(sharding, x), global_batch(sharding, y), global_batch(sharding, mask))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    confusion = np.asarray(totals["confusion"], np.int64)
+    result = {k: float(totals[k]) / count for k in ("loss", "margin_loss", "recon_loss") if k in totals}
+    result["accuracy"] = float(totals["correct"]) / count
+    result["error_rate"] = 1.0 - result["accuracy"]
+    result["count"] = int(count)
+    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    result["per_class_accuracy"] = [float(a) for a in per_class]
+    result["confusion"] = confusion.tolist()
+    return result
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained model loaded from a work directory."""
+
+    config: TrainConfig
+    steps: Steps
+    params: Any
+    step: int
+    which: str
+
+    @property
+    def model(self):
+        """The NNX CapsNet with the loaded parameters."""
+        return nnx.merge(self.steps.graphdef, self.params)
+
+
+def load_run(workdir: str | Path, which: str = "best") -> Run:
+    """Loads ``config.json`` and the ``which`` ("best" or "latest") checkpoint of ``workdir``."""
+    if which not in ("best", "latest"):
+        raise ConfigError(f"checkpoint must be 'best' or 'latest', got {which!r}")
+    workdir = Path(workdir)
+    config = load_config(workdir / "config.json")
+    mesh = default_mesh()
+    graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
+    steps = make_steps(graphdef, config.optim, config.loss, mesh=mesh)
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    try:
+        state, _ = checkpoints.restore(state, which)
+    finally:
+        checkpoints.close()
+    return Run(config, steps, state.params, int(jax.device_get(state.step)), which)
+
+
+def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 500) -> CapsNetOutput:
+    """Class capsules, lengths (class probabilities) and reconstructions (of the predicted class) for ``images``
+    [N, H, W, C] or [N, H, W] (uint8 in [0, 255] or float in [0, 1]), from a :class:`Run` or a work directory
+    (its best checkpoint). Returns NumPy arrays."""
+    if not isinstance(run, Run):
+        run = load_run(run)
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    expected = tuple(run.config.model.image_shape)
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise ValueError(f"images must be [N, {', '.join(map(str, expected))}], got {images.shape}")
+    batch_size -= batch_size % run.steps.mesh.size
+    outputs = []
+    for mask, x in _padded_batches((images,), batch_size):
+        out = run.steps.predict(run.params, global_batch(run.steps.data_sharding, x))
+        out = jax.device_get(out)
+        valid = int(mask.sum())
+        outputs.append(jax.tree.map(lambda a: a[:valid], out))
+    return CapsNetOutput(*(None if parts[0] is None else np.concatenate(parts) for parts in zip(*outputs)))
+
+
+def decode(run: Run, capsules: np.ndarray) -> np.ndarray:
+    """Decoder images [N, H, W, C] for (already masked) class capsules [N, num_classes, class_dim]."""
+    if run.config.model.use_decoder is False:
+        raise ValueError("this model has no decoder")
+    model = run.model
+    return np.asarray(jax.jit(lambda c: model.decoder(c))(jnp.asarray(capsules, jnp.float32)))
+
+
+def format_confusion(confusion: list[list[int]], class_names: list[str] | None = None) -> str:
+    """The confusion matrix as a fixed-width text table (rows: true class, columns: predicted)."""
+    k = len(confusion)
+    names = class_names or [str(i) for i in range(k)]
+    width = max(5, max(len(n) for n in names) + 1, len(str(max(max(r) for r in confusion))) + 1)
+    lines = ["true\\pred".ljust(10) + "".join(n.rjust(width) for n in names) + "   acc%"]
+    for i, row in enumerate(confusion):
+        total = max(sum(row), 1)
+        lines.append(names[i].ljust(10) + "".join(str(v).rjust(width) for v in row) + f"{100 * row[i] / total:7.2f}")
+    return "\n".join(lines)
+
+
+def evaluate_workdir(
+    workdir: str | Path,
+    *,
+    split: str = "test",
+    data_dir: str | None = None,
+    which: str = "best",
+    out_dir: str | Path | None = None,
+    figures: bool = True,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Evaluates a trained run on ``split`` of its dataset and writes ``eval_<split>.json`` and the figures
+    (reconstructions, pose-perturbation grid, training curves, confusion matrix) into ``out_dir`` (default:
+    ``workdir``). Returns the metrics."""
+    from capsjax import data as datalib
+
+    run = load_run(workdir, which)
+    out_dir = Path(out_dir or workdir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = run.config
+    images, labels = datalib.load(config.dataset, split, data_dir if data_dir is not None else config.data_dir)
+    batch_size = batch_size or config.eval_batch_size
+    batch_size -= batch_size % run.steps.mesh.size
+    metrics = evaluate_arrays(run.steps, run.params, images, labels, batch_size)
+    metrics.update(split=split, checkpoint=which, step=run.step, dataset=config.dataset)
+    (out_dir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if figures and jax.process_index() == 0:
+        metrics["figures"] = [str(p) for p in _figures(run, images, labels, metrics, Path(workdir), out_dir)]
+    return metrics
+
+
+def _figures(run: Run, images, labels, metrics, workdir: Path, out_dir: Path) -> list[Path]:
+    from capsjax import viz
+
+    paths = []
+    sample = images[:10]
+    out = predict(run, sample)
+    predictions = out.lengths.argmax(-1)
+    if out.reconstructions is not None:
+        paths.append(
+            viz.plot_reconstructions(sample, out.reconstructions, labels[:10], predictions, out_dir / "reconstructions.png")
+        )
+        first = out.capsules[0]
+        paths.append(
+            viz.plot_pose_grid(lambda c: decode(run, c), first, int(predictions[0]), out_dir / "pose_grid.png")
+        )
+    paths.append(viz.plot_confusion_matrix(np.asarray(metrics["confusion"]), out_dir / "confusion.png"))
+    metrics_file = workdir / "metrics.jsonl"
+    if metrics_file.exists() and metrics_file.stat().st_size:
+        paths.append(viz.plot_training_curves(metrics_file, out_dir / "training_curves.png"))
+    return paths
