@@ -37,7 +37,6 @@ from typing import Any, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 __all__ = [
     "DataError",
@@ -183,12 +182,12 @@ def _load_local(name: str, spec: DatasetSpec, base: str, directory: Path) -> tup
         what = "does not exist" if not directory.exists() else "is not a directory"
         raise DataError(f"{name}: data directory {directory} {what}; {_HINT}")
     if spec.local_format == "idx":
-        images, labels = _load_idx_pair(spec, base, directory)
+        images, labels, label_file = _load_idx_pair(spec, base, directory)
     elif spec.local_format == "cifar10_bin":
-        images, labels = _load_cifar10_bin(base, directory)
+        images, labels, label_file = _load_cifar10_bin(base, directory)
     else:
-        images, labels = _load_svhn_mat(base, directory)
-    _check_labels(labels, spec.num_classes, f"{name} {base} labels in {directory}")
+        images, labels, label_file = _load_svhn_mat(base, directory)
+    _check_labels(labels, spec.num_classes, f"{name} {base} labels in {label_file}")
     return images, labels
 
 
@@ -297,7 +296,7 @@ def _idx_candidates(spec: DatasetSpec, base: str, kind: str) -> list[str]:
     return names
 
 
-def _load_idx_pair(spec: DatasetSpec, base: str, directory: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_idx_pair(spec: DatasetSpec, base: str, directory: Path) -> tuple[np.ndarray, np.ndarray, str]:
     image_path = _find_file(directory, _idx_candidates(spec, base, "images"), f"{spec.tfds_name} {base} images")
     label_path = _find_file(directory, _idx_candidates(spec, base, "labels"), f"{spec.tfds_name} {base} labels")
     images = _read_idx_expecting(image_path, IDX_IMAGES_MAGIC, "images [N, H, W] of unsigned bytes")
@@ -309,7 +308,7 @@ def _load_idx_pair(spec: DatasetSpec, base: str, directory: Path) -> tuple[np.nd
         )
     if spec.transpose:
         images = np.ascontiguousarray(images.transpose(0, 2, 1))
-    return images[..., None], labels.astype(np.int32)
+    return images[..., None], labels.astype(np.int32), str(label_path)
 
 
 def _read_idx_expecting(path: Path, magic: int, what: str) -> np.ndarray:
@@ -324,7 +323,7 @@ def _read_idx_expecting(path: Path, magic: int, what: str) -> np.ndarray:
 _CIFAR_RECORD = 1 + 32 * 32 * 3
 
 
-def _load_cifar10_bin(base: str, directory: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_cifar10_bin(base: str, directory: Path) -> tuple[np.ndarray, np.ndarray, str]:
     if not (directory / "test_batch.bin").exists() and (directory / "cifar-10-batches-bin").is_dir():
         directory = directory / "cifar-10-batches-bin"
     names = [f"data_batch_{i}.bin" for i in range(1, 6)] if base == "train" else ["test_batch.bin"]
@@ -340,26 +339,29 @@ def _load_cifar10_bin(base: str, directory: Path) -> tuple[np.ndarray, np.ndarra
         parts.append(np.frombuffer(raw, np.uint8).reshape(-1, _CIFAR_RECORD))
     records = np.concatenate(parts)
     images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # stored channel-major: CHW -> HWC
-    return np.ascontiguousarray(images), records[:, 0].astype(np.int32)
+    where = f"{directory / names[0]}" + (f" ... {names[-1]}" if len(names) > 1 else "")
+    return np.ascontiguousarray(images), records[:, 0].astype(np.int32), where
 
 
 # SVHN (cropped digits, .mat) ----------------------------------------------------------------------------------------
 
 
-def _load_svhn_mat(base: str, directory: Path) -> tuple[np.ndarray, np.ndarray]:
+def _load_svhn_mat(base: str, directory: Path) -> tuple[np.ndarray, np.ndarray, str]:
     path = _find_file(directory, [f"{base}_32x32.mat"], f"svhn_cropped {base}")
     try:
         from scipy.io import loadmat
 
         mat = loadmat(path)
         x, y = mat["X"], mat["y"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except ImportError:
+        raise DataError(f"{path}: reading SVHN's .mat files needs scipy (pip install scipy)") from None
+    except Exception as err:  # noqa: BLE001 - scipy's MatReadError and friends: the file is not what it should be
         raise DataError(f"{path}: not a readable SVHN .mat file ({err}); download it again") from None
     if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or y.size != x.shape[3]:
         raise DataError(f"{path}: X has shape {x.shape} and y {y.shape}, expected [32, 32, 3, N] and [N, 1]")
     labels = y.reshape(-1).astype(np.int32)
     labels[labels == 10] = 0  # SVHN labels the digit 0 as 10
-    return np.ascontiguousarray(x.transpose(3, 0, 1, 2)).astype(np.uint8), labels
+    return np.ascontiguousarray(x.transpose(3, 0, 1, 2)).astype(np.uint8), labels, str(path)
 
 
 # TFDS ---------------------------------------------------------------------------------------------------------------
@@ -455,10 +457,17 @@ def _source_to_arrays(source: Sequence[dict[str, Any]], what: str, chunk: int = 
         raise DataError(f"{what}: images of shape {np.shape(first['image'])}, expected [H, W, C]")
     images = np.empty((n, *shape), np.uint8)
     labels = np.empty((n,), np.int32)
-    get_many = getattr(source, "__getitems__", None)
+    get_many = getattr(source, "__getitems__", None)  # ArrayRecord reads a batch of records in parallel
     for start in range(0, n, chunk):
         keys = list(range(start, min(n, start + chunk)))
-        examples = get_many(keys) if get_many is not None else [source[i] for i in keys]
+        examples = None
+        if get_many is not None:
+            try:
+                examples = get_many(keys)
+            except (TypeError, NotImplementedError):  # a source whose batch read is missing or broken (TFDS's mock)
+                get_many = None
+        if examples is None:
+            examples = [source[i] for i in keys]
         for i, example in zip(keys, examples):
             image = np.asarray(example["image"])
             if image.shape != shape and image.shape + (1,) != shape:
@@ -662,31 +671,28 @@ def to_float(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32)
 
 
-def shift_images(images: jax.Array, offsets: jax.Array, max_shift: int) -> jax.Array:
+def shift_images(images: jax.Array, offsets: jax.Array) -> jax.Array:
     """Translates each image by its own integer offset, filling the vacated area with zeros.
 
     ``out[b, y, x] = images[b, y - dy_b, x - dx_b]`` where that is inside the image, else 0 (like ``np.roll`` without
-    the wrap-around): positive ``dy`` moves content down, positive ``dx`` right. Pure ``jnp``; jit- and vmap-able.
+    the wrap-around): positive ``dy`` moves content down, positive ``dx`` right. Pure ``jnp`` (two gathers along the
+    image axes and a mask); jit-able, and shards along the batch under any mesh.
 
     Args:
       images: ``[B, H, W, C]``, any dtype.
-      offsets: integer ``[B, 2]`` of ``(dy, dx)``, clipped to ``[-max_shift, max_shift]``.
-      max_shift: a static bound on the offsets (the padding).
+      offsets: integer ``[B, 2]`` of ``(dy, dx)``.
 
     Returns:
       ``[B, H, W, C]`` in ``images``' dtype.
     """
-    if max_shift == 0:
-        return images
-    b, h, w, c = images.shape
-    m = int(max_shift)
-    padded = jnp.pad(images, ((0, 0), (m, m), (m, m), (0, 0)))
-    starts = m - jnp.clip(offsets.astype(jnp.int32), -m, m)  # [B, 2], in [0, 2m]
-
-    def crop(image, start):
-        return lax.dynamic_slice(image, (start[0], start[1], jnp.int32(0)), (h, w, c))
-
-    return jax.vmap(crop)(padded, starts)
+    _, h, w, _ = images.shape
+    offsets = jnp.asarray(offsets, jnp.int32)
+    rows = jnp.arange(h, dtype=jnp.int32)[None, :] - offsets[:, 0:1]  # [B, H]: the source row of each output row
+    cols = jnp.arange(w, dtype=jnp.int32)[None, :] - offsets[:, 1:2]  # [B, W]
+    out = jnp.take_along_axis(images, jnp.clip(rows, 0, h - 1)[:, :, None, None], axis=1, mode="clip")
+    out = jnp.take_along_axis(out, jnp.clip(cols, 0, w - 1)[:, None, :, None], axis=2, mode="clip")
+    inside = ((rows >= 0) & (rows < h))[:, :, None, None] & ((cols >= 0) & (cols < w))[:, None, :, None]
+    return jnp.where(inside, out, jnp.zeros((), images.dtype))
 
 
 def random_shift(key: jax.Array, images: jax.Array, max_shift: int = 2) -> jax.Array:
@@ -706,7 +712,7 @@ def random_shift(key: jax.Array, images: jax.Array, max_shift: int = 2) -> jax.A
     if max_shift == 0:
         return images
     offsets = jax.random.randint(key, (images.shape[0], 2), -max_shift, max_shift + 1, dtype=jnp.int32)
-    return shift_images(images, offsets, max_shift)
+    return shift_images(images, offsets)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,714 @@
+"""The data module: file formats and their failure modes, TFDS conversion, batching, augmentation, MultiMNIST."""
+
+import gzip
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from capsjax import data as datalib
+from capsjax.data import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_DIR = Path(os.environ.get("CAPSJAX_MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+SHAPE = (7, 5)  # tiny, non-square images: catches H/W mix-ups
+N_TRAIN, N_TEST = 12, 4
+
+
+@pytest.fixture(autouse=True)
+def _no_default_data(tmp_path_factory, monkeypatch):
+    """No test sees the user's $CAPSJAX_DATA or ~/.cache/capsjax."""
+    empty = tmp_path_factory.mktemp("no_default_data")
+    monkeypatch.setenv(datalib.DATA_ENV, str(empty / "env"))
+    monkeypatch.setattr(datalib, "CACHE_DIR", empty / "cache")
+
+
+def _tiny_arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "train": (rng.integers(0, 256, (N_TRAIN, *SHAPE), dtype=np.uint8), rng.integers(0, 10, N_TRAIN, dtype=np.uint8)),
+        "t10k": (rng.integers(0, 256, (N_TEST, *SHAPE), dtype=np.uint8), rng.integers(0, 10, N_TEST, dtype=np.uint8)),
+    }
+
+
+def _write_idx_dir(directory, arrays=None, ext=".gz", sep="-", prefix=""):
+    """Writes the four IDX files of a tiny MNIST-like dataset; returns the arrays written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = arrays or _tiny_arrays()
+    for stem, (images, labels) in arrays.items():
+        datalib.write_idx(directory / f"{prefix}{stem}-images{sep}idx3-ubyte{ext}", images)
+        datalib.write_idx(directory / f"{prefix}{stem}-labels{sep}idx1-ubyte{ext}", labels)
+    return arrays
+
+
+def _listing(directory):
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(directory).iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# IDX files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext, sep", [(".gz", "-"), ("", "-"), ("", "."), (".gz", ".")])
+def test_idx_round_trip(tmp_path, ext, sep):
+    arrays = _write_idx_dir(tmp_path, ext=ext, sep=sep)
+    before = _listing(tmp_path)
+    for split, stem in (("train", "train"), ("test", "t10k")):
+        images, labels = datalib.load("mnist", split, data_dir=tmp_path)
+        assert images.dtype == np.uint8 and images.shape == (len(arrays[stem][0]), *SHAPE, 1)
+        assert labels.dtype == np.int32
+        np.testing.assert_array_equal(images[..., 0], arrays[stem][0])
+        np.testing.assert_array_equal(labels, arrays[stem][1])
+        assert images.flags.writeable
+    assert _listing(tmp_path) == before, "load() must not write into the data directory"
+
+
+def test_validation_split_is_the_last_examples_of_train(tmp_path, monkeypatch):
+    _write_idx_dir(tmp_path)
+    monkeypatch.setattr(datalib, "VALIDATION_SIZE", 5)
+    train = datalib.load("mnist", "train", tmp_path)
+    val = datalib.load("mnist", "validation", tmp_path)
+    rest = datalib.load("mnist", "train_no_validation", tmp_path)
+    assert len(val[0]) == 5 and len(rest[0]) == N_TRAIN - 5
+    for full, a, b in zip(train, rest, val):
+        np.testing.assert_array_equal(np.concatenate([a, b]), full)
+        np.testing.assert_array_equal(b, full[-5:])
+
+
+def test_validation_needs_enough_training_examples(tmp_path):
+    _write_idx_dir(tmp_path)
+    with pytest.raises(DataError, match="too few"):
+        datalib.load("mnist", "validation", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "array", [np.arange(24, dtype=np.int16).reshape(4, 6) - 7, np.linspace(-1, 1, 10, dtype=np.float32), np.eye(3)]
+)
+def test_read_write_idx_other_dtypes(tmp_path, array):
+    for name in ("a.idx", "a.idx.gz"):
+        datalib.write_idx(tmp_path / name, array)
+        back = datalib.read_idx(tmp_path / name)
+        assert back.dtype == array.dtype and back.dtype.isnative
+        np.testing.assert_array_equal(back, array)
+
+
+def test_idx_header_is_big_endian_mnist_layout(tmp_path):
+    datalib.write_idx(tmp_path / "x", np.zeros((3, 2, 4), np.uint8))
+    raw = (tmp_path / "x").read_bytes()
+    assert raw[:16] == bytes([0, 0, 8, 3, 0, 0, 0, 3, 0, 0, 0, 2, 0, 0, 0, 4]) and len(raw) == 16 + 24
+
+
+def _truncate(path, keep):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _corrupt_middle(path):
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + 8] = bytes(b ^ 0xFF for b in raw[mid : mid + 8])
+    path.write_bytes(bytes(raw))
+
+
+def _truncated_raw_images(directory):
+    """Replaces the gzipped training images by a raw file missing its last 9 bytes."""
+    gz = directory / "train-images-idx3-ubyte.gz"
+    (directory / "train-images-idx3-ubyte").write_bytes(gzip.decompress(gz.read_bytes())[:-9])
+    gz.unlink()
+
+
+def _bad_labels(directory):
+    labels = np.full(N_TRAIN, 3, np.uint8)
+    labels[5] = 10
+    datalib.write_idx(directory / "train-labels-idx1-ubyte.gz", labels)
+
+
+# (what to break, split, text the message must contain besides the file name)
+BREAKAGES = {
+    "missing file": (lambda d: (d / "t10k-labels-idx1-ubyte.gz").unlink(), "test", "t10k-labels-idx1-ubyte", "--data-dir"),
+    "truncated raw": (_truncated_raw_images, "train", "train-images-idx3-ubyte", "truncated"),
+    "truncated payload": (
+        lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(gzip.decompress((d / "train-images-idx3-ubyte.gz").read_bytes())[:-3])
+        ),
+        "train", "train-images-idx3-ubyte.gz", "truncated",
+    ),  # fmt: skip
+    "too long": (
+        lambda d: (d / "t10k-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(gzip.decompress((d / "t10k-labels-idx1-ubyte.gz").read_bytes()) + b"\0")
+        ),
+        "test", "t10k-labels-idx1-ubyte.gz", "longer than its header",
+    ),  # fmt: skip
+    "truncated gzip": (lambda d: _truncate(d / "train-labels-idx1-ubyte.gz", 30), "train", "train-labels-idx1-ubyte.gz",
+                       "gzip"),  # fmt: skip
+    "corrupt gzip": (lambda d: _corrupt_middle(d / "train-images-idx3-ubyte.gz"), "train", "train-images-idx3-ubyte.gz",
+                     "gzip"),  # fmt: skip
+    "not gzip": (lambda d: (d / "t10k-images-idx3-ubyte.gz").write_bytes(b"<html>not found</html>"), "test",
+                 "t10k-images-idx3-ubyte.gz", "not a gzip file"),  # fmt: skip
+    "not idx": (lambda d: (d / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"<html>not found</html>")),
+                "test", "t10k-images-idx3-ubyte.gz", "not an IDX file"),  # fmt: skip
+    "wrong magic": (
+        lambda d: datalib.write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros(N_TEST, np.uint8)),
+        "test", "t10k-images-idx3-ubyte.gz", "magic number 2049, expected 2051",
+    ),  # fmt: skip
+    "wrong dtype": (
+        lambda d: datalib.write_idx(d / "t10k-labels-idx1-ubyte.gz", np.zeros(N_TEST, np.int32)),
+        "test", "t10k-labels-idx1-ubyte.gz", "expected 2049",
+    ),  # fmt: skip
+    "count mismatch": (
+        lambda d: datalib.write_idx(d / "train-labels-idx1-ubyte.gz", np.zeros(N_TRAIN - 1, np.uint8)),
+        "train", "train-labels-idx1-ubyte.gz", f"{N_TRAIN} images but train-labels-idx1-ubyte.gz holds {N_TRAIN - 1}",
+    ),  # fmt: skip
+    "labels out of range": (_bad_labels, "train", "train-labels-idx1-ubyte.gz", "outside [0, 10)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BREAKAGES))
+def test_bad_files_raise_data_error_naming_the_file(tmp_path, case):
+    break_it, split, name, text = BREAKAGES[case]
+    _write_idx_dir(tmp_path)
+    break_it(tmp_path)
+    before = _listing(tmp_path)
+    with pytest.raises(DataError) as info:
+        datalib.load("mnist", split, data_dir=tmp_path)
+    message = str(info.value)
+    assert name in message and text in message, message
+    assert str(tmp_path) in message, message
+    assert _listing(tmp_path) == before
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(DataError, match="--data-dir") as info:
+        datalib.load("mnist", "train", data_dir=tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in str(info.value) and "does not exist" in str(info.value)
+    assert not (tmp_path / "nowhere").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="not a directory"):
+        datalib.load("mnist", "train", data_dir=tmp_path / "afile")
+
+
+@pytest.mark.parametrize("name", ["nosuchdata", "MNIST", "emnist"])
+def test_unknown_dataset(name):
+    with pytest.raises(DataError, match="unknown dataset") as info:
+        datalib.load(name, "train")
+    assert repr(name) in str(info.value) and "fashion_mnist" in str(info.value)
+
+
+def test_unknown_split(tmp_path):
+    _write_idx_dir(tmp_path)
+    with pytest.raises(DataError, match="unknown split 'valid'") as info:
+        datalib.load("mnist", "valid", tmp_path)
+    assert all(s in str(info.value) for s in datalib.SPLITS)
+
+
+def test_default_directories_in_order(tmp_path, monkeypatch):
+    env_root, cache_root = tmp_path / "env", tmp_path / "cache"
+    cache = _write_idx_dir(cache_root / "fashion_mnist", _tiny_arrays(seed=1))
+    monkeypatch.setenv(datalib.DATA_ENV, str(env_root))
+    monkeypatch.setattr(datalib, "CACHE_DIR", cache_root)
+    np.testing.assert_array_equal(datalib.load("fashion_mnist", "test")[1], cache["t10k"][1])
+    env = _write_idx_dir(env_root / "fashion_mnist", _tiny_arrays(seed=2))
+    np.testing.assert_array_equal(datalib.load("fashion_mnist", "test")[1], env["t10k"][1])
+    # a default directory that exists but is broken is reported, not skipped
+    (env_root / "fashion_mnist" / "t10k-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="t10k-images"):
+        datalib.load("fashion_mnist", "test")
+
+
+def test_emnist_prefixed_files_are_transposed(tmp_path):
+    arrays = _tiny_arrays()
+    arrays = {"train": arrays["train"], "test": arrays["t10k"]}
+    _write_idx_dir(tmp_path / "emnist", arrays, prefix="emnist-digits-")
+    images, labels = datalib.load("emnist/digits", "test", tmp_path / "emnist")
+    assert images.shape == (N_TEST, SHAPE[1], SHAPE[0], 1)
+    np.testing.assert_array_equal(images[..., 0], arrays["test"][0].transpose(0, 2, 1))
+    np.testing.assert_array_equal(labels, arrays["test"][1])
+
+
+def test_cifar10_binary_version(tmp_path):
+    rng = np.random.default_rng(0)
+    chw = rng.integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    labels = np.array([0, 9, 3, 4, 5, 1], np.uint8)
+    records = np.concatenate([labels[:, None], chw.reshape(6, -1)], axis=1)
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"data_batch_{i + 1}.bin").write_bytes(records[i : i + 1].tobytes())
+    (folder / "test_batch.bin").write_bytes(records[5:].tobytes())
+    images, got = datalib.load("cifar10", "train", tmp_path)
+    assert images.shape == (5, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, chw[:5].transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(got, labels[:5])
+    _truncate(folder / "test_batch.bin", 3000)
+    with pytest.raises(DataError, match="test_batch.bin.*truncated"):
+        datalib.load("cifar10", "test", tmp_path)
+
+
+def test_svhn_mat_files(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (32, 32, 3, 4), dtype=np.uint8)
+    scipy_io.savemat(tmp_path / "test_32x32.mat", {"X": x, "y": np.array([[10], [1], [9], [10]], np.uint8)})
+    images, labels = datalib.load("svhn_cropped", "test", tmp_path)
+    np.testing.assert_array_equal(images, x.transpose(3, 0, 1, 2))
+    np.testing.assert_array_equal(labels, [0, 1, 9, 0])  # SVHN's "10" is the digit 0
+    (tmp_path / "train_32x32.mat").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="train_32x32.mat"):
+        datalib.load("svhn_cropped", "train", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TFDS
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_without_tfds_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
+    with pytest.raises(DataError) as info:
+        datalib.load("kmnist", "train")
+    message = str(info.value)
+    assert 'pip install "capsjax[tfds]"' in message and "--data-dir" in message and "kmnist" in message
+
+
+class _FakeSource:
+    """A random-access source shaped like TFDS's ArrayRecord data source (no batch __getitems__)."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": np.int64(self.labels[i])}
+
+
+def test_tfds_source_conversion(monkeypatch):
+    """Our conversion of a data source's examples, through load(), without TFDS itself."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2100, 28, 28), dtype=np.uint8)  # 2-D images get a channel axis; > one chunk
+    labels = rng.integers(0, 10, 2100)
+    calls = []
+
+    def fake_source(name, tfds_name, split):
+        calls.append((name, tfds_name, split))
+        return _FakeSource(images, labels)
+
+    monkeypatch.setattr(datalib, "_tfds_source", fake_source)
+    x, y = datalib.load("emnist/mnist", "test")
+    assert calls == [("emnist/mnist", "emnist/mnist", "test")]
+    assert x.shape == (2100, 28, 28, 1) and x.dtype == np.uint8 and y.dtype == np.int32
+    np.testing.assert_array_equal(x[..., 0], images)
+    np.testing.assert_array_equal(y, labels)
+    labels[7] = 12
+    with pytest.raises(DataError, match="outside"):
+        datalib.load("emnist/mnist", "test")
+
+
+@pytest.fixture
+def tfds():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("importlib_resources")
+    return tfds
+
+
+@pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
+def test_tfds_mock_data(tfds, monkeypatch, name, shape):
+    """TFDS's own mock (random examples, no files, no network) through our TFDS path: builder, data source, decode."""
+    monkeypatch.setattr(datalib, "_network_reachable", lambda *a, **k: True)
+    with tfds.testing.mock_data(num_examples=9):
+        images, labels = datalib.load(name, "train")
+    assert images.shape == (9, *shape) and images.dtype == np.uint8
+    assert labels.shape == (9,) and labels.dtype == np.int32
+    assert labels.min() >= 0 and labels.max() < 10 and images.std() > 0
+
+
+def test_tfds_fails_fast_without_network(tfds, monkeypatch):
+    monkeypatch.setattr(datalib, "_network_reachable", lambda *a, **k: False)
+    start = time.perf_counter()
+    with tfds.testing.mock_data(num_examples=3), pytest.raises(DataError) as info:
+        datalib.load("mnist", "test")
+    assert time.perf_counter() - start < 10
+    message = str(info.value)
+    assert "not prepared" in message and "--data-dir" in message and "mnist" in message
+
+
+def test_network_probe_on_localhost(monkeypatch):
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        assert datalib._network_reachable(("127.0.0.1", port), timeout=2.0)
+    finally:
+        server.close()
+    start = time.perf_counter()
+    assert not datalib._network_reachable(("127.0.0.1", port), timeout=2.0)  # closed now: refused
+    assert time.perf_counter() - start < 3
+
+
+def test_tfds_real_prepare_from_local_files(tfds, tmp_path, monkeypatch):
+    """The real TFDS build (TensorFlow needed to prepare) from the local MNIST files, then read without TF's help."""
+    pytest.importorskip("tensorflow")
+    if not MNIST_DIR.is_dir():
+        pytest.skip(f"MNIST IDX files not found in {MNIST_DIR}")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    files = {}
+    for key in ("train_data", "train_labels", "test_data", "test_labels"):
+        stem = {"train": "train", "test": "t10k"}[key.split("_")[0]]
+        kind = "images-idx3" if key.endswith("data") else "labels-idx1"
+        out = raw / f"{stem}-{kind}-ubyte"
+        out.write_bytes(gzip.decompress((MNIST_DIR / f"{stem}-{kind}-ubyte.gz").read_bytes()))
+        files[key] = out
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", lambda self, urls: files)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setattr(datalib, "_network_reachable", lambda *a, **k: True)
+    images, labels = datalib.load("mnist", "test")
+    assert images.shape == (10000, 28, 28, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(np.bincount(labels, minlength=10), MNIST_TEST_COUNTS)
+    # now prepared: read again with the network "down"
+    monkeypatch.setattr(datalib, "_network_reachable", lambda *a, **k: False)
+    assert len(datalib.load("mnist", "test")[0]) == 10000
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Synthetic data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_is_deterministic_and_class_recoverable():
+    x, y = datalib.load_synthetic(1000, seed=3)
+    x2, y2 = datalib.load_synthetic(1000, seed=3)
+    np.testing.assert_array_equal(x, x2)
+    np.testing.assert_array_equal(y, y2)
+    assert x.shape == (1000, 28, 28, 1) and x.dtype == np.uint8 and y.dtype == np.int32
+    assert set(np.unique(y)) == set(range(10))
+    assert not np.array_equal(datalib.load_synthetic(1000, seed=4)[0], x)
+    # a nearest-class-mean classifier fit on the train split recovers the test labels
+    train_x, train_y = datalib.load("synthetic", "train")
+    test_x, test_y = datalib.load("synthetic", "test")
+    assert len(train_x) == datalib.SYNTHETIC_SIZES["train"] and len(test_x) == datalib.SYNTHETIC_SIZES["test"]
+    flat = train_x.reshape(len(train_x), -1).astype(np.float32)
+    means = np.stack([flat[train_y == k].mean(0) for k in range(10)])
+    test_flat = test_x.reshape(len(test_x), -1).astype(np.float32)
+    distances = (np.square(test_flat[:, None, :] - means[None, :, :])).sum(-1)
+    assert (distances.argmin(1) == test_y).mean() > 0.9
+
+
+def test_synthetic_other_shapes():
+    x, y = datalib.load_synthetic(20, image_shape=(32, 24, 3), num_classes=4, seed=0)
+    assert x.shape == (20, 32, 24, 3) and y.max() < 4 and x.max() > 100
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batching and prefetching
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _indexed(n):
+    """Images whose first pixel is their index (mod 256) and labels equal to their index."""
+    images = np.zeros((n, 4, 4, 1), np.uint8)
+    images[:, 0, 0, 0] = np.arange(n) % 256
+    return images, np.arange(n, dtype=np.int32)
+
+
+def test_batches_cover_each_example_once_and_order_depends_on_seed_and_epoch():
+    images, labels = _indexed(103)
+    seen = [y for _, y in datalib.batches(images, labels, 10, seed=1, epoch=0, drop_remainder=False)]
+    assert [len(s) for s in seen] == [10] * 10 + [3]
+    order = np.concatenate(seen)
+    np.testing.assert_array_equal(np.sort(order), np.arange(103))
+    assert not np.array_equal(order, np.arange(103))
+    np.testing.assert_array_equal(order, np.random.default_rng([1, 0]).permutation(103))
+    for x, y in datalib.batches(images, labels, 10, seed=1, epoch=0):
+        assert x.dtype == np.uint8 and y.dtype == np.int32 and x.shape == (10, 4, 4, 1)
+        np.testing.assert_array_equal(x[:, 0, 0, 0], y % 256)
+    again = np.concatenate([y for _, y in datalib.batches(images, labels, 10, seed=1, epoch=0, drop_remainder=False)])
+    other_epoch = np.concatenate([y for _, y in datalib.batches(images, labels, 10, seed=1, epoch=1)])
+    other_seed = np.concatenate([y for _, y in datalib.batches(images, labels, 10, seed=2, epoch=0)])
+    np.testing.assert_array_equal(again, order)
+    assert not np.array_equal(other_epoch, order[:100]) and not np.array_equal(other_seed, order[:100])
+    assert len(list(datalib.batches(images, labels, 10, seed=1, epoch=0))) == 10 == datalib.num_batches(103, 10)
+    assert datalib.num_batches(103, 10, drop_remainder=False) == 11
+    unshuffled = np.concatenate([y for _, y in datalib.batches(images, labels, 10, seed=1, epoch=0, shuffle=False)])
+    np.testing.assert_array_equal(unshuffled, np.arange(100))
+
+
+@pytest.mark.parametrize("count", [2, 4])
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_batches_per_process_slices_make_the_global_batch(count, drop_remainder):
+    images, labels = _indexed(50)
+    kwargs = dict(seed=0, epoch=3, drop_remainder=drop_remainder)
+    whole = list(datalib.batches(images, labels, 8, process_index=0, process_count=1, **kwargs))
+    parts = [list(datalib.batches(images, labels, 8, process_index=i, process_count=count, **kwargs)) for i in range(count)]
+    assert all(len(p) == len(whole) for p in parts)
+    for step, (_, y) in enumerate(whole):
+        local = [parts[i][step][1] for i in range(count)]
+        if len(y) == 8:
+            assert all(len(part) == 8 // count for part in local)
+        np.testing.assert_array_equal(np.concatenate(local), y)
+
+
+def test_batches_reject_bad_arguments():
+    images, labels = _indexed(10)
+    with pytest.raises(ValueError, match="multiple of process_count"):
+        next(datalib.batches(images, labels, 6, seed=0, epoch=0, process_index=0, process_count=4))
+    with pytest.raises(ValueError, match="labels"):
+        next(datalib.batches(images, labels[:9], 2, seed=0, epoch=0))
+
+
+def test_prefetch_to_device_keeps_order_and_values():
+    images, labels = _indexed(40)
+    host = list(datalib.batches(images, labels, 8, seed=0, epoch=0))
+    out = list(datalib.prefetch_to_device(iter(host), size=2))
+    assert len(out) == len(host)
+    for (x, y), (dx, dy) in zip(host, out):
+        assert isinstance(dx, jax.Array) and dx.dtype == jnp.uint8
+        np.testing.assert_array_equal(np.asarray(dx), x)
+        np.testing.assert_array_equal(np.asarray(dy), y)
+
+
+def test_prefetch_to_device_with_a_sharding():
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+    sharding = NamedSharding(mesh, P("data"))
+    images, labels = _indexed(8 * len(devices) * 3)
+    host = list(datalib.batches(images, labels, 8 * len(devices), seed=0, epoch=0))
+    out = list(datalib.prefetch_to_device(iter(host), sharding=sharding))
+    for (x, y), (dx, dy) in zip(host, out):
+        assert dx.sharding.is_equivalent_to(sharding, 4) and dy.sharding.is_equivalent_to(sharding, 1)
+        np.testing.assert_array_equal(np.asarray(dx), x)
+        np.testing.assert_array_equal(np.asarray(dy), y)
+
+
+def test_prefetch_to_device_raises_producer_errors_and_stops_early():
+    def failing():
+        yield np.zeros(3)
+        raise RuntimeError("broken reader")
+
+    stream = datalib.prefetch_to_device(failing())
+    assert np.asarray(next(stream)).shape == (3,)
+    with pytest.raises(RuntimeError, match="broken reader"):
+        next(stream)
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield np.full(2, i)
+            i += 1
+
+    stream = datalib.prefetch_to_device(endless(), size=2)
+    assert int(next(stream)[0]) == 0
+    stream.close()
+    assert not any(t.name == "capsjax-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(produced) <= 5  # it ran at most `size` (+ the one in hand) ahead
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On-device preprocessing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _numpy_shift(image, dy, dx):
+    """np.roll, with what wraps around zeroed."""
+    out = np.roll(image, (dy, dx), axis=(0, 1))
+    if dy > 0:
+        out[:dy] = 0
+    elif dy < 0:
+        out[dy:] = 0
+    if dx > 0:
+        out[:, :dx] = 0
+    elif dx < 0:
+        out[:, dx:] = 0
+    return out
+
+
+def test_shift_images_matches_numpy_reference():
+    offsets = np.array([(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)] + [(4, -3), (6, 0), (-7, 9)], np.int32)
+    images = np.random.default_rng(0).integers(1, 256, (len(offsets), 6, 5, 2), dtype=np.uint8)
+    got = np.asarray(jax.jit(datalib.shift_images)(images, offsets))
+    assert got.dtype == np.uint8
+    for image, out, (dy, dx) in zip(images, got, offsets):
+        np.testing.assert_array_equal(out, _numpy_shift(image, dy, dx))
+    # the doc's example: content moves down by dy and right by dx
+    one = np.zeros((1, 5, 5, 1), np.float32)
+    one[0, 2, 2, 0] = 1
+    moved = np.asarray(datalib.shift_images(one, np.array([[1, -2]])))
+    assert moved[0, 3, 0, 0] == 1 and moved.sum() == 1
+
+
+def _centred_blob(batch=64, size=28):
+    y, x = np.mgrid[0:size, 0:size] - (size - 1) / 2
+    blob = np.where(np.hypot(y, x) <= size / 4, np.exp(-(y**2 + x**2) / 30), 0).astype(np.float32)
+    return np.broadcast_to(blob[None, :, :, None], (batch, size, size, 1)).copy()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_random_shift_properties(dtype):
+    images = (_centred_blob() * (255 if dtype == np.uint8 else 1)).astype(dtype)
+    shift = jax.jit(datalib.random_shift, static_argnums=2)
+    a = shift(jax.random.key(0), images, 2)
+    assert a.shape == images.shape and a.dtype == images.dtype
+    np.testing.assert_array_equal(a, shift(jax.random.key(0), images, 2))  # same key, same shifts
+    assert not np.array_equal(a, shift(jax.random.key(1), images, 2))  # other key, other shifts
+    assert not np.array_equal(a, images)
+    # the blob stays inside: every image keeps its pixel mass exactly (integer shifts move, never resample)
+    np.testing.assert_allclose(np.asarray(a, np.float64).sum((1, 2, 3)), np.asarray(images, np.float64).sum((1, 2, 3)))
+    assert len({np.asarray(img).tobytes() for img in a}) > 10  # each image has its own shift
+    np.testing.assert_array_equal(datalib.random_shift(jax.random.key(0), images, 0), images)
+
+
+def test_random_shift_offsets_are_uniform_over_the_square():
+    n = 5000
+    images = np.zeros((n, 9, 9, 1), np.float32)
+    images[:, 4, 4, 0] = 1
+    out = np.asarray(datalib.random_shift(jax.random.key(42), images, 2))
+    flat = out[..., 0].reshape(n, -1)
+    assert (flat.sum(1) == 1).all()
+    ys, xs = np.divmod(flat.argmax(1), 9)
+    counts = np.zeros((5, 5), int)
+    np.add.at(counts, (ys - 4 + 2, xs - 4 + 2), 1)
+    expected = n / 25
+    assert counts.min() > expected - 5 * np.sqrt(expected) and counts.max() < expected + 5 * np.sqrt(expected), counts
+
+
+def test_random_shift_sharded_equals_unsharded():
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+    images = np.random.default_rng(0).random((8 * len(devices), 28, 28, 1), np.float32)
+    key = jax.random.key(5)
+    expected = jax.jit(datalib.random_shift, static_argnums=2)(key, images, 2)
+    sharded = jax.device_put(images, NamedSharding(mesh, P("data")))
+    got = jax.jit(datalib.random_shift, static_argnums=2)(key, sharded, 2)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_to_float():
+    x = np.array([0, 1, 128, 255], np.uint8)
+    y = datalib.to_float(x)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), x / 255.0, rtol=1e-6)
+    assert float(y[-1]) == 1.0 and float(y[0]) == 0.0
+    assert datalib.to_float(np.array([0.5], np.float64)).dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MultiMNIST
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_multimnist_batches():
+    images, labels = datalib.load_synthetic(300, seed=0)
+    images[:, 0, 0, 0] = 1  # a marker pixel (corner of the digit) that reveals each digit's placement
+    stream = datalib.multimnist_batches(images, labels, 32, seed=0, epoch=0)
+    batches = list(stream)
+    assert len(batches) == 300 // 32
+    for batch in batches:
+        merged, two, classes, digits = batch["images"], batch["labels"], batch["classes"], batch["digits"]
+        assert merged.shape == (32, 36, 36, 1) and merged.dtype == np.uint8
+        assert digits.shape == (32, 2, 36, 36, 1) and digits.dtype == np.uint8
+        assert two.shape == (32, 10) and classes.shape == (32, 2) and classes.dtype == np.int32
+        assert (classes[:, 0] != classes[:, 1]).all()
+        np.testing.assert_array_equal(two.sum(1), 2)
+        np.testing.assert_array_equal(np.take_along_axis(two, classes, axis=1), 1)
+        np.testing.assert_array_equal(merged, digits.max(axis=1))
+        for b in range(32):
+            for k in range(2):
+                canvas = digits[b, k, ..., 0]
+                ys, xs = np.nonzero(canvas)
+                top, left = ys.min(), xs.min()  # the marker pixel is the digit's top-left corner
+                assert 0 <= top <= 8 and 0 <= left <= 8  # centred (4) +- 4
+                crop = canvas[top : top + 28, left : left + 28]
+                matches = np.nonzero((images[..., 0] == crop).all((1, 2)))[0]
+                assert len(matches) >= 1 and labels[matches[0]] == classes[b, k]
+                assert canvas.sum() == crop.sum()  # nothing else on the canvas
+    again = list(datalib.multimnist_batches(images, labels, 32, seed=0, epoch=0))
+    other = next(datalib.multimnist_batches(images, labels, 32, seed=0, epoch=1))
+    for a, b in zip(batches, again):
+        np.testing.assert_array_equal(a["images"], b["images"])
+    assert not np.array_equal(other["images"], batches[0]["images"])
+
+
+def test_multimnist_first_digits_cover_the_set_and_shifts_span_the_range():
+    images = np.zeros((64, 28, 28, 1), np.uint8)
+    images[:, 0, 0, 0] = np.arange(64) + 1  # each digit is one pixel, valued by its index
+    labels = np.arange(64) % 10
+    firsts, tops = [], []
+    for batch in datalib.multimnist_batches(images, labels, 16, seed=3, epoch=0, drop_remainder=False):
+        for canvas in batch["digits"][:, 0, ..., 0]:
+            (y, x), value = np.argwhere(canvas)[0], canvas.max()
+            firsts.append(value - 1)
+            tops.append(y)
+    np.testing.assert_array_equal(np.sort(firsts), np.arange(64))
+    assert set(tops) == set(range(0, 9))  # 4 +- 4
+
+
+def test_multimnist_process_slices():
+    images, labels = datalib.load_synthetic(100, seed=1)
+    whole = list(datalib.multimnist_batches(images, labels, 8, seed=0, epoch=2, process_index=0, process_count=1))
+    halves = [
+        list(datalib.multimnist_batches(images, labels, 8, seed=0, epoch=2, process_index=i, process_count=2))
+        for i in range(2)
+    ]
+    for step, batch in enumerate(whole):
+        for key in batch:
+            np.testing.assert_array_equal(np.concatenate([halves[0][step][key], halves[1][step][key]]), batch[key])
+
+
+def test_multimnist_rejects_a_small_canvas_and_one_class():
+    images, labels = datalib.load_synthetic(20)
+    with pytest.raises(ValueError, match="canvas"):
+        next(datalib.multimnist_batches(images, labels, 4, seed=0, epoch=0, canvas=32, max_shift=4))
+    with pytest.raises(ValueError, match="two classes"):
+        next(datalib.multimnist_batches(images, np.zeros_like(labels), 4, seed=0, epoch=0))
+
+
+def test_two_hot():
+    np.testing.assert_array_equal(datalib.two_hot(np.array([[1, 3], [0, 2]]), 4), [[0, 1, 0, 1], [1, 0, 1, 0]])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real data, where this machine has it
+# ---------------------------------------------------------------------------------------------------------------------
+
+MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"MNIST IDX files not found in {MNIST_DIR}")
+def test_real_mnist():
+    before = _listing(MNIST_DIR)
+    x, y = datalib.load("mnist", "train", MNIST_DIR)
+    assert x.shape == (60000, 28, 28, 1) and x.dtype == np.uint8 and y.dtype == np.int32
+    np.testing.assert_array_equal(y[:5], [5, 0, 4, 1, 9])
+    tx, ty = datalib.load("mnist", "test", MNIST_DIR)
+    assert tx.shape == (10000, 28, 28, 1)
+    np.testing.assert_array_equal(np.bincount(ty, minlength=10), MNIST_TEST_COUNTS)
+    val_x, val_y = datalib.load("mnist", "validation", MNIST_DIR)
+    np.testing.assert_array_equal(val_y, y[-5000:])
+    assert len(datalib.load("mnist", "train_no_validation", MNIST_DIR)[0]) == 55000
+    assert _listing(MNIST_DIR) == before
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"Fashion-MNIST not found in {FASHION_DIR}")
+def test_real_fashion_mnist():
+    x, y = datalib.load("fashion_mnist", "test", FASHION_DIR)
+    assert x.shape == (10000, 28, 28, 1) and x.dtype == np.uint8
+    np.testing.assert_array_equal(np.bincount(y, minlength=10), [1000] * 10)
+    assert len(datalib.load("fashion_mnist", "train", FASHION_DIR)[0]) == 60000
