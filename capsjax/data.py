@@ -121,8 +121,9 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None) -> tu
         ``"cifar10"``, ``"svhn_cropped"`` or ``"synthetic"``.
       split: one of :data:`SPLITS`: ``"train"`` (all training examples, in file order), ``"test"``,
         ``"validation"`` (the last :data:`VALIDATION_SIZE` training examples) or ``"train_no_validation"``.
-      data_dir: a directory of the dataset's original files (see the module docstring). ``None``: look in
-        ``$CAPSJAX_DATA/<name>`` and ``~/.cache/capsjax/<name>``, then fall back to TFDS. Ignored for ``"synthetic"``.
+      data_dir: a directory of the dataset's original files (see the module docstring), or a folder holding it as
+        ``<name>/``. ``None``: look in ``$CAPSJAX_DATA/<name>`` and ``~/.cache/capsjax/<name>``, then fall back to
+        TFDS. Ignored for ``"synthetic"``.
 
     Returns:
       ``(images, labels)``: images ``uint8 [N, H, W, C]``, labels ``int32 [N]``.
@@ -137,7 +138,7 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None) -> tu
     if spec.local_format == "synthetic":
         images, labels = load_synthetic(SYNTHETIC_SIZES[base], seed=0 if base == "train" else 1)
     else:
-        directory = Path(data_dir).expanduser() if data_dir is not None else _default_dir(name)
+        directory = _given_dir(name, data_dir) if data_dir is not None else _default_dir(name)
         if directory is not None:
             images, labels = _load_local(name, spec, base, directory)
         else:
@@ -171,6 +172,15 @@ def _default_dirs(name: str) -> list[Path]:
     roots = [Path(os.environ[DATA_ENV]).expanduser()] if os.environ.get(DATA_ENV) else []
     roots.append(CACHE_DIR.expanduser())
     return [root / folder for root in roots]
+
+
+def _given_dir(name: str, data_dir: str | os.PathLike) -> Path:
+    """``data_dir`` itself, or its ``<name>`` sub-folder when it is a root of several datasets (like $CAPSJAX_DATA)."""
+    directory = Path(data_dir).expanduser()
+    sub = directory / name.split("/")[0]
+    if sub.is_dir() and not any(directory.glob("*ubyte*")) and not any(directory.glob("*.bin")):
+        return sub
+    return directory
 
 
 def _default_dir(name: str) -> Path | None:

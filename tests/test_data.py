@@ -226,6 +226,11 @@ def test_default_directories_in_order(tmp_path, monkeypatch):
         datalib.load("fashion_mnist", "test")
 
 
+def test_data_dir_may_be_a_root_of_dataset_folders(tmp_path):
+    arrays = _write_idx_dir(tmp_path / "kmnist")
+    np.testing.assert_array_equal(datalib.load("kmnist", "test", tmp_path)[1], arrays["t10k"][1])
+
+
 def test_emnist_prefixed_files_are_transposed(tmp_path):
     arrays = _tiny_arrays()
     arrays = {"train": arrays["train"], "test": arrays["t10k"]}
@@ -589,9 +594,10 @@ def test_random_shift_offsets_are_uniform_over_the_square():
     assert counts.min() > expected - 5 * np.sqrt(expected) and counts.max() < expected + 5 * np.sqrt(expected), counts
 
 
-def test_random_shift_sharded_equals_unsharded():
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto])
+def test_random_shift_sharded_equals_unsharded(axis_type):
     devices = jax.devices()
-    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(axis_type,), devices=devices)
     images = np.random.default_rng(0).random((8 * len(devices), 28, 28, 1), np.float32)
     key = jax.random.key(5)
     expected = jax.jit(datalib.random_shift, static_argnums=2)(key, images, 2)
