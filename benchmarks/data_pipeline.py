@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "data_pipeline",
         "source": source,
-        "examples": int(len(images)),
+        "examples": len(images),
         "load_s": round(load_s, 3),
         "batch_size": bs,
         "batches_ms": batches_ms,

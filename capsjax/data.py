@@ -31,8 +31,9 @@ import socket
 import struct
 import threading
 import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -435,7 +436,9 @@ def _tfds_source(name: str, tfds_name: str, split: str) -> Sequence[dict[str, An
                 f"or {_HINT}"
             ) from None
         except Exception as err:  # noqa: BLE001
-            raise DataError(f"{name}: TFDS could not download and prepare it ({type(err).__name__}: {err}); {_HINT}") from None
+            raise DataError(
+                f"{name}: TFDS could not download and prepare it ({type(err).__name__}: {err}); {_HINT}"
+            ) from None
     try:
         return builder.as_data_source(split=split)
     except Exception as err:  # noqa: BLE001
@@ -525,7 +528,9 @@ def load_synthetic(
         dy, dx = np.sin(angle[s])[:, None, None], np.cos(angle[s])[:, None, None]
         t = np.clip(py * dy + px * dx, -half_length[s, None, None], half_length[s, None, None])
         stroke = (np.square(py - t * dy) + np.square(px - t * dx)) * np.square(inv_thickness[s, None, None])
-        spot = (np.square(ys[None, :, None] - dot[s, 0, None, None]) + np.square(xs[None, None, :] - dot[s, 1, None, None]))
+        spot = np.square(ys[None, :, None] - dot[s, 0, None, None]) + np.square(
+            xs[None, None, :] - dot[s, 1, None, None]
+        )
         value = np.exp(-np.minimum(stroke, spot * f32(1 / 0.12**2))) * brightness[s, None, None]
         images[s] = np.rint(value[..., None] * colour[s, None, None, :]).astype(np.uint8)
     return images, labels

@@ -36,7 +36,10 @@ def _no_default_data(tmp_path_factory, monkeypatch):
 def _tiny_arrays(seed=0):
     rng = np.random.default_rng(seed)
     return {
-        "train": (rng.integers(0, 256, (N_TRAIN, *SHAPE), dtype=np.uint8), rng.integers(0, 10, N_TRAIN, dtype=np.uint8)),
+        "train": (
+            rng.integers(0, 256, (N_TRAIN, *SHAPE), dtype=np.uint8),
+            rng.integers(0, 10, N_TRAIN, dtype=np.uint8),
+        ),
         "t10k": (rng.integers(0, 256, (N_TEST, *SHAPE), dtype=np.uint8), rng.integers(0, 10, N_TEST, dtype=np.uint8)),
     }
 
@@ -114,6 +117,11 @@ def _truncate(path, keep):
     path.write_bytes(path.read_bytes()[:keep])
 
 
+def _rewrite_gz(path, change):
+    """Rewrites a gzipped file with ``change(decompressed bytes)``, as a valid gzip."""
+    path.write_bytes(gzip.compress(change(gzip.decompress(path.read_bytes()))))
+
+
 def _corrupt_middle(path):
     raw = bytearray(path.read_bytes())
     mid = len(raw) // 2
@@ -121,62 +129,48 @@ def _corrupt_middle(path):
     path.write_bytes(bytes(raw))
 
 
-def _truncated_raw_images(directory):
+def _truncated_raw_images(d):
     """Replaces the gzipped training images by a raw file missing its last 9 bytes."""
-    gz = directory / "train-images-idx3-ubyte.gz"
-    (directory / "train-images-idx3-ubyte").write_bytes(gzip.decompress(gz.read_bytes())[:-9])
+    gz = d / "train-images-idx3-ubyte.gz"
+    (d / "train-images-idx3-ubyte").write_bytes(gzip.decompress(gz.read_bytes())[:-9])
     gz.unlink()
 
 
-def _bad_labels(directory):
+def _bad_labels(d):
     labels = np.full(N_TRAIN, 3, np.uint8)
     labels[5] = 10
-    datalib.write_idx(directory / "train-labels-idx1-ubyte.gz", labels)
+    datalib.write_idx(d / "train-labels-idx1-ubyte.gz", labels)
 
 
-# (what to break, split, text the message must contain besides the file name)
-BREAKAGES = {
-    "missing file": (lambda d: (d / "t10k-labels-idx1-ubyte.gz").unlink(), "test", "t10k-labels-idx1-ubyte", "--data-dir"),
-    "truncated raw": (_truncated_raw_images, "train", "train-images-idx3-ubyte", "truncated"),
-    "truncated payload": (
-        lambda d: (d / "train-images-idx3-ubyte.gz").write_bytes(
-            gzip.compress(gzip.decompress((d / "train-images-idx3-ubyte.gz").read_bytes())[:-3])
-        ),
-        "train", "train-images-idx3-ubyte.gz", "truncated",
-    ),  # fmt: skip
-    "too long": (
-        lambda d: (d / "t10k-labels-idx1-ubyte.gz").write_bytes(
-            gzip.compress(gzip.decompress((d / "t10k-labels-idx1-ubyte.gz").read_bytes()) + b"\0")
-        ),
-        "test", "t10k-labels-idx1-ubyte.gz", "longer than its header",
-    ),  # fmt: skip
-    "truncated gzip": (lambda d: _truncate(d / "train-labels-idx1-ubyte.gz", 30), "train", "train-labels-idx1-ubyte.gz",
-                       "gzip"),  # fmt: skip
-    "corrupt gzip": (lambda d: _corrupt_middle(d / "train-images-idx3-ubyte.gz"), "train", "train-images-idx3-ubyte.gz",
-                     "gzip"),  # fmt: skip
-    "not gzip": (lambda d: (d / "t10k-images-idx3-ubyte.gz").write_bytes(b"<html>not found</html>"), "test",
-                 "t10k-images-idx3-ubyte.gz", "not a gzip file"),  # fmt: skip
-    "not idx": (lambda d: (d / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"<html>not found</html>")),
-                "test", "t10k-images-idx3-ubyte.gz", "not an IDX file"),  # fmt: skip
-    "wrong magic": (
-        lambda d: datalib.write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros(N_TEST, np.uint8)),
-        "test", "t10k-images-idx3-ubyte.gz", "magic number 2049, expected 2051",
-    ),  # fmt: skip
-    "wrong dtype": (
-        lambda d: datalib.write_idx(d / "t10k-labels-idx1-ubyte.gz", np.zeros(N_TEST, np.int32)),
-        "test", "t10k-labels-idx1-ubyte.gz", "expected 2049",
-    ),  # fmt: skip
-    "count mismatch": (
-        lambda d: datalib.write_idx(d / "train-labels-idx1-ubyte.gz", np.zeros(N_TRAIN - 1, np.uint8)),
-        "train", "train-labels-idx1-ubyte.gz", f"{N_TRAIN} images but train-labels-idx1-ubyte.gz holds {N_TRAIN - 1}",
-    ),  # fmt: skip
-    "labels out of range": (_bad_labels, "train", "train-labels-idx1-ubyte.gz", "outside [0, 10)"),
-}
+TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
+TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+HTML = b"<html>not found</html>"
+
+# what to break in a good directory, the split to load, the file the message must name, and a text it must contain
+BREAKAGES = [
+    pytest.param(lambda d: (d / TEST_LABELS).unlink(), "test", TEST_LABELS, "--data-dir", id="missing file"),
+    pytest.param(_truncated_raw_images, "train", "train-images-idx3-ubyte", "truncated", id="truncated raw"),
+    pytest.param(lambda d: _rewrite_gz(d / TRAIN_IMAGES, lambda b: b[:-3]), "train", TRAIN_IMAGES, "truncated",
+                 id="truncated payload"),
+    pytest.param(lambda d: _rewrite_gz(d / TEST_LABELS, lambda b: b + b"\0"), "test", TEST_LABELS,
+                 "longer than its header", id="too long"),
+    pytest.param(lambda d: _truncate(d / TRAIN_LABELS, 30), "train", TRAIN_LABELS, "gzip", id="truncated gzip"),
+    pytest.param(lambda d: _corrupt_middle(d / TRAIN_IMAGES), "train", TRAIN_IMAGES, "gzip", id="corrupt gzip"),
+    pytest.param(lambda d: (d / TEST_IMAGES).write_bytes(HTML), "test", TEST_IMAGES, "not a gzip file", id="not gzip"),
+    pytest.param(lambda d: (d / TEST_IMAGES).write_bytes(gzip.compress(HTML)), "test", TEST_IMAGES, "not an IDX file",
+                 id="not idx"),
+    pytest.param(lambda d: datalib.write_idx(d / TEST_IMAGES, np.zeros(N_TEST, np.uint8)), "test", TEST_IMAGES,
+                 "magic number 2049, expected 2051", id="wrong magic"),
+    pytest.param(lambda d: datalib.write_idx(d / TEST_LABELS, np.zeros(N_TEST, np.int32)), "test", TEST_LABELS,
+                 "expected 2049", id="wrong dtype"),
+    pytest.param(lambda d: datalib.write_idx(d / TRAIN_LABELS, np.zeros(N_TRAIN - 1, np.uint8)), "train", TRAIN_LABELS,
+                 f"{N_TRAIN} images but {TRAIN_LABELS} holds {N_TRAIN - 1}", id="count mismatch"),
+    pytest.param(_bad_labels, "train", TRAIN_LABELS, "outside [0, 10)", id="labels out of range"),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", list(BREAKAGES))
-def test_bad_files_raise_data_error_naming_the_file(tmp_path, case):
-    break_it, split, name, text = BREAKAGES[case]
+@pytest.mark.parametrize("break_it, split, name, text", BREAKAGES)
+def test_bad_files_raise_data_error_naming_the_file(tmp_path, break_it, split, name, text):
     _write_idx_dir(tmp_path)
     break_it(tmp_path)
     before = _listing(tmp_path)
@@ -457,9 +451,11 @@ def test_batches_cover_each_example_once_and_order_depends_on_seed_and_epoch():
 @pytest.mark.parametrize("drop_remainder", [True, False])
 def test_batches_per_process_slices_make_the_global_batch(count, drop_remainder):
     images, labels = _indexed(50)
-    kwargs = dict(seed=0, epoch=3, drop_remainder=drop_remainder)
+    kwargs = {"seed": 0, "epoch": 3, "drop_remainder": drop_remainder}
     whole = list(datalib.batches(images, labels, 8, process_index=0, process_count=1, **kwargs))
-    parts = [list(datalib.batches(images, labels, 8, process_index=i, process_count=count, **kwargs)) for i in range(count)]
+    parts = [
+        list(datalib.batches(images, labels, 8, process_index=i, process_count=count, **kwargs)) for i in range(count)
+    ]
     assert all(len(p) == len(whole) for p in parts)
     for step, (_, y) in enumerate(whole):
         local = [parts[i][step][1] for i in range(count)]
@@ -659,11 +655,10 @@ def test_multimnist_first_digits_cover_the_set_and_shifts_span_the_range():
     firsts, tops = [], []
     for batch in datalib.multimnist_batches(images, labels, 16, seed=3, epoch=0, drop_remainder=False):
         for canvas in batch["digits"][:, 0, ..., 0]:
-            (y, x), value = np.argwhere(canvas)[0], canvas.max()
-            firsts.append(value - 1)
-            tops.append(y)
+            firsts.append(canvas.max() - 1)
+            tops.append(np.argwhere(canvas)[0][0])
     np.testing.assert_array_equal(np.sort(firsts), np.arange(64))
-    assert set(tops) == set(range(0, 9))  # 4 +- 4
+    assert set(tops) == set(range(9))  # 4 +- 4
 
 
 def test_multimnist_process_slices():
@@ -706,7 +701,7 @@ def test_real_mnist():
     tx, ty = datalib.load("mnist", "test", MNIST_DIR)
     assert tx.shape == (10000, 28, 28, 1)
     np.testing.assert_array_equal(np.bincount(ty, minlength=10), MNIST_TEST_COUNTS)
-    val_x, val_y = datalib.load("mnist", "validation", MNIST_DIR)
+    _, val_y = datalib.load("mnist", "validation", MNIST_DIR)
     np.testing.assert_array_equal(val_y, y[-5000:])
     assert len(datalib.load("mnist", "train_no_validation", MNIST_DIR)[0]) == 55000
     assert _listing(MNIST_DIR) == before
