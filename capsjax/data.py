@@ -6,8 +6,9 @@ Sources, tried in this order by :func:`load`:
    the original distribution files: IDX (``train-images-idx3-ubyte[.gz]`` ...) for the MNIST family, the binary
    version (``data_batch_1.bin`` ...) for CIFAR-10, ``train_32x32.mat`` / ``test_32x32.mat`` for SVHN. Nothing is
    ever written into it. This path needs no network and no TensorFlow.
-2. TensorFlow Datasets (the ``tfds`` extra), read through its ArrayRecord data source. Preparing a dataset the first
-   time downloads it (and TFDS needs TensorFlow for that step); reading an already prepared one does not.
+2. TensorFlow Datasets (the ``tfds`` extra), in ``$TFDS_DATA_DIR`` (default ``~/tensorflow_datasets``), read through
+   its ArrayRecord data source. Preparing a dataset the first time downloads it (and TFDS needs TensorFlow for that
+   step); reading an already prepared one does not.
 
 ``"synthetic"`` needs neither: deterministic generated images whose class is recoverable, for tests and benchmarks.
 
@@ -418,8 +419,9 @@ def _tfds_source(name: str, tfds_name: str, split: str) -> Sequence[dict[str, An
 
     Returns a random-access sequence of ``{"image": uint8 [H, W, C], "label": int}`` examples."""
     tfds = _import_tfds(name)
+    tfds_dir = os.environ.get("TFDS_DATA_DIR") or None  # read now: TFDS itself reads it once, at import
     try:
-        builder = tfds.builder(tfds_name, file_format="array_record")
+        builder = tfds.builder(tfds_name, data_dir=tfds_dir, file_format="array_record")
     except Exception as err:  # noqa: BLE001 - TFDS raises many kinds; all mean the same to the user
         raise DataError(f"{name}: TFDS has no dataset {tfds_name!r} ({err}); {_HINT}") from None
     if not builder.is_prepared():

@@ -1,6 +1,7 @@
 """The data module: file formats and their failure modes, TFDS conversion, batching, augmentation, MultiMNIST."""
 
 import gzip
+import importlib.util
 import os
 import socket
 import sys
@@ -27,9 +28,10 @@ N_TRAIN, N_TEST = 12, 4
 
 @pytest.fixture(autouse=True)
 def _no_default_data(tmp_path_factory, monkeypatch):
-    """No test sees the user's $CAPSJAX_DATA or ~/.cache/capsjax."""
+    """No test sees (or writes into) the user's $CAPSJAX_DATA, ~/.cache/capsjax or TFDS data dir."""
     empty = tmp_path_factory.mktemp("no_default_data")
     monkeypatch.setenv(datalib.DATA_ENV, str(empty / "env"))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(empty / "tfds"))
     monkeypatch.setattr(datalib, "CACHE_DIR", empty / "cache")
 
 
@@ -359,6 +361,31 @@ def test_network_probe_on_localhost(monkeypatch):
     assert time.perf_counter() - start < 3
 
 
+def _fake_downloads(tfds, monkeypatch, directory):
+    """TFDS's MNIST download step returns the (decompressed) IDX files in ``directory`` instead of fetching them."""
+    files = {
+        "train_data": directory / "train-images-idx3-ubyte",
+        "train_labels": directory / "train-labels-idx1-ubyte",
+        "test_data": directory / "t10k-images-idx3-ubyte",
+        "test_labels": directory / "t10k-labels-idx1-ubyte",
+    }
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", lambda self, urls: files)
+
+
+def test_tfds_prepare_without_tensorflow_says_so(tfds, tmp_path, monkeypatch):
+    """The real TFDS builder, offline: without TensorFlow it cannot prepare, and the error says what to install."""
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed: test_tfds_real_prepare_from_local_files prepares for real")
+    _write_idx_dir(tmp_path / "raw", ext="")
+    _fake_downloads(tfds, monkeypatch, tmp_path / "raw")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    monkeypatch.setattr(datalib, "_network_reachable", lambda *a, **k: True)
+    with pytest.raises(DataError, match="needs TensorFlow") as info:
+        datalib.load("mnist", "test")
+    assert "pip install tensorflow-cpu" in str(info.value) and "--data-dir" in str(info.value)
+    assert (tmp_path / "tfds").is_dir()  # TFDS_DATA_DIR is honoured when set after TFDS was imported
+
+
 def test_tfds_real_prepare_from_local_files(tfds, tmp_path, monkeypatch):
     """The real TFDS build (TensorFlow needed to prepare) from the local MNIST files, then read without TF's help."""
     pytest.importorskip("tensorflow")
@@ -366,14 +393,9 @@ def test_tfds_real_prepare_from_local_files(tfds, tmp_path, monkeypatch):
         pytest.skip(f"MNIST IDX files not found in {MNIST_DIR}")
     raw = tmp_path / "raw"
     raw.mkdir()
-    files = {}
-    for key in ("train_data", "train_labels", "test_data", "test_labels"):
-        stem = {"train": "train", "test": "t10k"}[key.split("_")[0]]
-        kind = "images-idx3" if key.endswith("data") else "labels-idx1"
-        out = raw / f"{stem}-{kind}-ubyte"
-        out.write_bytes(gzip.decompress((MNIST_DIR / f"{stem}-{kind}-ubyte.gz").read_bytes()))
-        files[key] = out
-    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", lambda self, urls: files)
+    for gz in MNIST_DIR.glob("*-ubyte.gz"):
+        (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+    _fake_downloads(tfds, monkeypatch, raw)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
     monkeypatch.setattr(datalib, "_network_reachable", lambda *a, **k: True)
     images, labels = datalib.load("mnist", "test")
@@ -382,6 +404,7 @@ def test_tfds_real_prepare_from_local_files(tfds, tmp_path, monkeypatch):
     # now prepared: read again with the network "down"
     monkeypatch.setattr(datalib, "_network_reachable", lambda *a, **k: False)
     assert len(datalib.load("mnist", "test")[0]) == 10000
+    assert (tmp_path / "tfds" / "mnist").is_dir()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
