@@ -37,6 +37,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 2
     progress: bool = True  # progress bar (only drawn on a terminal)
+    test_every_epoch: bool = True  # also log test accuracy each epoch (model selection still uses validation only)
 
     def __post_init__(self):
         positive = ("batch_size", "eval_batch_size", "epochs", "log_every_steps", "checkpoint_every_steps")

@@ -170,7 +170,7 @@ def make_steps(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["learning_rate"] = learning_rate_at(optim_config, state.step)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def eval_step(params, images, labels, mask):

@@ -243,6 +243,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, An
                 f"epoch {epoch + 1}/{config.epochs}: {datasets.validation_name} accuracy "
                 f"{100 * validation['accuracy']:.2f}% (loss {validation['loss']:.4f}), {epoch_time:.0f} s"
             )
+            if config.test_every_epoch and datasets.validation_name != "test":
+                test = evaluate_arrays(steps, state.params, *datasets.test, config.eval_batch_size)
+                record = {k: v for k, v in test.items() if k not in ("confusion", "per_class_accuracy")}
+                log.write({"step": step, "epoch": epoch + 1, "split": "test", **record})
+                progress.write(f"epoch {epoch + 1}/{config.epochs}: test accuracy {100 * test['accuracy']:.2f}%")
             save(best=improved)
     except KeyboardInterrupt:
         progress.close()

@@ -1,0 +1,114 @@
+"""Training and inference throughput of the paper's CapsNet.
+
+Times full training steps (uint8 batch -> on-device scaling and +-2 px shift augmentation, forward, margin +
+reconstruction loss, backward, Adam update) and inference passes (forward with the decoder masked by the prediction)
+after a warm-up, and prints one JSON line. The figure is the median over ``--repeats`` timed windows of ``--steps``
+steps each.
+
+    python benchmarks/throughput.py --batch-size 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="convolution dtype")
+    parser.add_argument("--conv-impl", default="auto", choices=("auto", "matmul", "xla"))
+    parser.add_argument("--devices", type=int, default=None, help="devices in the data mesh (default: all)")
+    parser.add_argument("--routing-stop-gradient", action="store_true", help="the non-default fast routing gradient")
+    parser.add_argument("--mode", default="both", choices=("both", "train", "infer"))
+    return parser.parse_args(argv)
+
+
+def _timed(fn, steps: int, repeats: int) -> list[float]:
+    """Seconds per step of ``repeats`` windows of ``steps`` calls each (fn blocks on its result)."""
+    windows = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        windows.append((time.perf_counter() - start) / steps)
+    return windows
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import jax
+    import numpy as np
+
+    from capsjax.model import ModelConfig
+    from capsjax.steps import OptimConfig, init_state, make_steps
+
+    devices = jax.devices()[: args.devices] if args.devices else jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    model_config = dataclasses.replace(
+        ModelConfig(), conv_dtype=args.dtype, conv_impl=args.conv_impl, routing_stop_gradient=args.routing_stop_gradient
+    )
+    graphdef, state = init_state(model_config, OptimConfig(), seed=0, mesh=mesh)
+    steps = make_steps(graphdef, OptimConfig(), max_shift=2, mesh=mesh)
+    rng = np.random.default_rng(0)
+    images = jax.device_put(rng.integers(0, 256, (args.batch_size, 28, 28, 1), dtype=np.uint8), steps.data_sharding)
+    labels = jax.device_put(rng.integers(0, 10, args.batch_size).astype(np.int32), steps.data_sharding)
+    result = {
+        "batch_size": args.batch_size,
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "devices": len(devices),
+        "conv_dtype": args.dtype,
+        "conv_impl": args.conv_impl,
+        "routing_stop_gradient": args.routing_stop_gradient,
+        "jax": jax.__version__,
+        "cpu_count": os.cpu_count(),
+    }
+    if args.mode in ("both", "train"):
+        holder = {"state": state}
+
+        def train():
+            holder["state"], metrics = steps.train(holder["state"], images, labels)
+            jax.block_until_ready(metrics["loss"])
+
+        start = time.perf_counter()
+        train()
+        result["compile_s"] = round(time.perf_counter() - start, 2)
+        for _ in range(args.warmup):
+            train()
+        windows = _timed(train, args.steps, args.repeats)
+        result["train_step_s"] = round(statistics.median(windows), 4)
+        result["train_img_per_s"] = round(args.batch_size / statistics.median(windows), 1)
+        result["train_img_per_s_windows"] = [round(args.batch_size / w, 1) for w in windows]
+        state = holder["state"]
+    if args.mode in ("both", "infer"):
+        params = state.params
+
+        def infer():
+            jax.block_until_ready(steps.predict(params, images).lengths)
+
+        start = time.perf_counter()
+        infer()
+        result["infer_compile_s"] = round(time.perf_counter() - start, 2)
+        for _ in range(args.warmup):
+            infer()
+        windows = _timed(infer, args.steps, args.repeats)
+        result["infer_img_per_s"] = round(args.batch_size / statistics.median(windows), 1)
+        result["infer_img_per_s_windows"] = [round(args.batch_size / w, 1) for w in windows]
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

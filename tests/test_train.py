@@ -1,0 +1,211 @@
+"""The training steps, the loop, checkpoints and resume, the CLIs, and a short real-data run."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from capsjax import data as datalib
+from capsjax.config import ConfigError, TrainConfig, get_config, load_config, replace_path
+from capsjax.model import ModelConfig
+from capsjax.steps import LossConfig, OptimConfig, init_state, make_steps
+from capsjax.train import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_DIR = Path(os.environ.get("CAPSJAX_MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
+
+TINY = ModelConfig(
+    conv1_channels=16, primary_maps=4, primary_dim=4, class_dim=8, decoder_hidden=(32, 64)
+)  # fmt: skip
+
+
+def _batch(n=16, seed=0):
+    images, labels = datalib.load_synthetic(n, seed=seed)
+    return images, labels.astype(np.int32)
+
+
+def test_train_step_decreases_loss_on_a_fixed_batch():
+    graphdef, state = init_state(TINY, OptimConfig(learning_rate=3e-3), seed=0)
+    steps = make_steps(graphdef, OptimConfig(learning_rate=3e-3))
+    images, labels = _batch(32)
+    losses = []
+    for _ in range(8):
+        state, metrics = steps.train(state, images, labels)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert int(state.step) == 8
+    np.testing.assert_allclose(metrics["learning_rate"], 3e-3 * 0.96 ** (7 / 2000), rtol=1e-6)
+
+
+def test_sharded_step_equals_single_device_step():
+    assert jax.device_count() >= 4, "conftest.py should simulate 4 CPU devices"
+    images, labels = _batch(16)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()[:4]):
+        mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+        graphdef, state = init_state(TINY, OptimConfig(), seed=0, mesh=mesh)
+        steps = make_steps(graphdef, OptimConfig(), max_shift=2, mesh=mesh)
+        for _ in range(2):
+            state, metrics = steps.train(state, images, labels)
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    (p1, m1), (p4, m4) = results
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+
+
+def test_eval_step_masks_padding_and_counts_confusion():
+    graphdef, state = init_state(TINY, OptimConfig(), seed=0)
+    steps = make_steps(graphdef, OptimConfig())
+    from capsjax.evaluate import evaluate_arrays
+
+    images, labels = _batch(21)
+    full = evaluate_arrays(steps, state.params, images, labels, batch_size=8)  # 8 + 8 + 5 (padded)
+    assert full["count"] == 21 and np.asarray(full["confusion"]).sum() == 21
+    out = steps.predict(state.params, images[:20])  # reference on unpadded data
+    preds = np.asarray(out.lengths).argmax(-1)
+    first20 = evaluate_arrays(steps, state.params, images[:20], labels[:20], batch_size=4)
+    np.testing.assert_allclose(first20["accuracy"], np.mean(preds == labels[:20]))
+
+
+def test_config_overrides_and_round_trip(tmp_path):
+    config = get_config("default")
+    assert (config.batch_size, config.optim.decay_rate, config.max_shift) == (128, 0.96, 2)
+    assert get_config("tutorial").loss.recon_reduction == "mean"
+    config = replace_path(config, "model.routing_iterations", "2")
+    config = replace_path(config, "train_examples", "none")
+    config = replace_path(config, "model.decoder_hidden", "128,256")
+    assert config.model.routing_iterations == 2 and config.model.decoder_hidden == (128, 256)
+    from capsjax.config import save_config
+
+    save_config(config, tmp_path / "c.json")
+    assert load_config(tmp_path / "c.json") == config
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_config("paper")
+    with pytest.raises(ConfigError, match="unknown config field"):
+        replace_path(config, "model.routing", "2")
+    with pytest.raises(ConfigError, match="expected int"):
+        replace_path(config, "epochs", "ten")
+    with pytest.raises(ConfigError, match="routing_iterations"):
+        replace_path(config, "model.routing_iterations", "0")
+
+
+SMOKE = dataclasses.replace(get_config("smoke"), progress=False)
+
+
+def _params(workdir, which="latest"):
+    from capsjax.evaluate import load_run
+
+    return jax.device_get(load_run(workdir, which).params)
+
+
+def test_resume_continues_exactly(tmp_path):
+    config = dataclasses.replace(SMOKE, train_examples=96, validation_examples=32, epochs=2, checkpoint_every_steps=2)
+    # 3 steps per epoch, 6 in all. Uninterrupted:
+    train_and_evaluate(config, tmp_path / "a")
+    # Interrupted after epoch 1 (3 steps, checkpointed at 2 and 3), then resumed with the same command:
+    train_and_evaluate(dataclasses.replace(config, epochs=1), tmp_path / "b")
+    results = train_and_evaluate(config, tmp_path / "b")
+    assert results["steps"] == 6
+    for a, b in zip(jax.tree.leaves(_params(tmp_path / "a")), jax.tree.leaves(_params(tmp_path / "b"))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "validation", "test"} <= {line["split"] for line in lines}
+
+
+def test_resume_refuses_another_model_and_broken_checkpoints(tmp_path):
+    from capsjax.checkpoint import CheckpointError
+
+    config = dataclasses.replace(SMOKE, epochs=1, train_examples=64)
+    train_and_evaluate(config, tmp_path)
+    other = dataclasses.replace(config, model=dataclasses.replace(config.model, class_dim=4))
+    with pytest.raises(ConfigError, match="another model"):
+        train_and_evaluate(other, tmp_path)
+    # damage every array file of the latest checkpoint
+    latest = max((tmp_path / "checkpoints").iterdir(), key=lambda p: int(p.name))
+    for f in (latest / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(b"\0" * 10)
+    with pytest.raises(CheckpointError, match=str(latest.name)):
+        train_and_evaluate(dataclasses.replace(config, epochs=2), tmp_path)
+
+
+def test_non_finite_loss_stops_training(tmp_path):
+    from capsjax.train import TrainingDiverged
+
+    config = dataclasses.replace(SMOKE, epochs=1, optim=OptimConfig(learning_rate=float("nan")), log_every_steps=1)
+    with pytest.raises(TrainingDiverged, match="non-finite"):
+        train_and_evaluate(config, tmp_path)
+
+
+def _run(script, *args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_cli_smoke_train_then_eval(tmp_path):
+    work = tmp_path / "run"
+    result = _run("train.py", "--preset", "smoke", "--workdir", str(work), "--epochs", "1", "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "metrics.jsonl", "results.json"):
+        assert (work / name).is_file(), name
+    assert any((work / "checkpoints").iterdir()) and any((work / "best").iterdir())
+    assert load_config(work / "config.json").dataset == "synthetic"
+    result = _run("eval.py", "--workdir", str(work), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout and "true\\pred" in result.stdout
+    for name in ("reconstructions.png", "pose_grid.png", "training_curves.png", "confusion.png", "eval_test.json"):
+        assert (work / name).stat().st_size > 1000, name
+    metrics = json.loads((work / "eval_test.json").read_text())
+    assert np.asarray(metrics["confusion"]).sum() == metrics["count"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "paper"], "unknown preset"),
+        (["--epochs", "zero"], "invalid int value"),
+        (["--batch-size", "6"], "divisible by the number of devices"),
+        (["--set", "model.nope=1"], "unknown config field"),
+        (["--dataset", "nosuchdata"], "nosuchdata"),
+    ],
+)
+def test_cli_bad_input_is_one_line(tmp_path, args, message):
+    env_args = ["--preset", "smoke", "--workdir", str(tmp_path / "w"), "--quiet"]
+    result = _run("train.py", *env_args, *args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_eval_cli_on_missing_workdir(tmp_path):
+    result = _run("eval.py", "--workdir", str(tmp_path / "none"), cwd=tmp_path)
+    assert result.returncode != 0 and "config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"MNIST IDX files not found in {MNIST_DIR}")
+def test_short_mnist_run_reaches_accuracy(tmp_path):
+    """4,000 real MNIST training images, 2 epochs of a narrower CapsNet: >= 95% on 2,000 test digits."""
+    config = dataclasses.replace(
+        get_config("default"),
+        model=dataclasses.replace(ModelConfig(), conv1_channels=64, primary_maps=16),
+        data_dir=str(MNIST_DIR),
+        train_examples=4000,
+        validation_examples=0,
+        batch_size=64,
+        epochs=2,
+        progress=False,
+        log_every_steps=20,
+        checkpoint_every_steps=1000,
+    )
+    results = train_and_evaluate(config, tmp_path)
+    assert results["test_accuracy"] >= 0.95, results
