@@ -29,7 +29,9 @@ def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
 
 
 class Checkpoints:
-    """Latest and best checkpoints of one work directory."""
+    """Latest and best checkpoints of one work directory: ``<workdir>/checkpoints/<step>/`` (the last ``keep``) and
+    ``<workdir>/best/<step>/`` (one), each holding the ``TrainState`` pytree and a small JSON ``meta`` dict (epoch,
+    best validation accuracy). Orbax writes each save atomically, so a save cut short is not restored."""
 
     def __init__(self, workdir: str | Path, keep: int = 2):
         self.workdir = Path(workdir)
@@ -37,9 +39,11 @@ class Checkpoints:
         self._best = _manager(self.workdir / "best", 1)
 
     def latest_step(self) -> int | None:
+        """Step of the newest complete checkpoint under ``checkpoints/``, or None."""
         return self._latest.latest_step()
 
     def best_step(self) -> int | None:
+        """Step of the best checkpoint (highest validation accuracy) under ``best/``, or None."""
         return self._best.latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any], best: bool = False) -> None:
@@ -73,6 +77,7 @@ class Checkpoints:
         return restored.state, dict(restored.meta)
 
     def close(self) -> None:
+        """Waits for pending saves and releases the Orbax managers."""
         self._latest.close()
         self._best.close()
 

@@ -41,6 +41,8 @@ def _fail(prog: str, message: str, code: int = 1):
 
 
 def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
+    """The ``capsjax-train`` / ``train.py`` argument parser: ``--preset``, ``--workdir``, one flag per common config
+    field, ``--set FIELD=VALUE``, ``--quiet``, ``--distributed``, ``--print-config``, ``--version``."""
     parser = _Parser(prog=prog, description="Train a CapsNet (Sabour et al. 2017). Rerun on the same --workdir to resume.")
     parser.add_argument("--preset", default="default", help="default (the paper), tutorial, smoke, fashion_mnist, accelerator")
     parser.add_argument("--workdir", default=None, help="run directory (default: runs/<preset>)")
@@ -75,6 +77,8 @@ def resolve_train_config(args: argparse.Namespace):
 
 
 def train_main(argv: list[str] | None = None, prog: str = "capsjax-train") -> int:
+    """Entry point of ``capsjax-train``: parses ``argv`` (default ``sys.argv[1:]``), trains, returns the exit status
+    (0 done, 1 checkpoint or divergence error, 2 bad configuration or data, 130 interrupted)."""
     args = build_train_parser(prog).parse_args(argv)
     from capsjax.checkpoint import CheckpointError
     from capsjax.config import ConfigError, to_dict
@@ -101,6 +105,7 @@ def train_main(argv: list[str] | None = None, prog: str = "capsjax-train") -> in
 
 
 def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
+    """The ``capsjax-eval`` / ``eval.py`` argument parser."""
     parser = _Parser(prog=prog, description="Evaluate a trained CapsNet and draw its reconstructions.")
     parser.add_argument("--workdir", required=True, help="the training run's directory")
     parser.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
@@ -114,6 +119,8 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
 
 
 def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
+    """Entry point of ``capsjax-eval``: evaluates a work directory, prints the accuracy and the confusion matrix,
+    writes ``eval_<split>.json`` and the figures; returns the exit status (0, 1 checkpoint error, 2 bad input)."""
     args = build_eval_parser(prog).parse_args(argv)
     from capsjax.checkpoint import CheckpointError
     from capsjax.config import ConfigError

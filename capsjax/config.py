@@ -201,10 +201,13 @@ def from_dict(cls, data: dict[str, Any]):
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
+    """Writes ``config`` as indented JSON (:func:`to_dict`) to ``path``."""
     Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
 
 
 def load_config(path: Path) -> TrainConfig:
+    """Reads a :class:`TrainConfig` written by :func:`save_config` (e.g. ``<workdir>/config.json``); raises
+    :class:`ConfigError` if the file is missing, not JSON, or has unknown or ill-typed fields."""
     path = Path(path)
     try:
         return from_dict(TrainConfig, json.loads(path.read_text()))

@@ -69,7 +69,12 @@ def evaluate_arrays(
 
 @dataclasses.dataclass
 class Run:
-    """A trained model loaded from a work directory."""
+    """A trained model loaded from a work directory by :func:`load_run`.
+
+    ``config`` is the run's :class:`~capsjax.config.TrainConfig`; ``steps`` its compiled steps on the current devices;
+    ``params`` the parameter pytree (replicated over the mesh); ``step`` the training step of the checkpoint;
+    ``which`` "best" or "latest".
+    """
 
     config: TrainConfig
     steps: Steps
@@ -84,7 +89,10 @@ class Run:
 
 
 def load_run(workdir: str | Path, which: str = "best") -> Run:
-    """Loads ``config.json`` and the ``which`` ("best" or "latest") checkpoint of ``workdir``."""
+    """Loads ``config.json`` and the ``which`` ("best" or "latest") checkpoint of ``workdir`` onto all local devices.
+
+    Raises :class:`~capsjax.config.ConfigError` (not a work directory) or
+    :class:`~capsjax.checkpoint.CheckpointError` (no complete checkpoint)."""
     if which not in ("best", "latest"):
         raise ConfigError(f"checkpoint must be 'best' or 'latest', got {which!r}")
     workdir = Path(workdir)
@@ -103,7 +111,13 @@ def load_run(workdir: str | Path, which: str = "best") -> Run:
 def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 500) -> CapsNetOutput:
     """Class capsules, lengths (class probabilities) and reconstructions (of the predicted class) for ``images``
     [N, H, W, C] or [N, H, W] (uint8 in [0, 255] or float in [0, 1]), from a :class:`Run` or a work directory
-    (its best checkpoint). Returns NumPy arrays."""
+    (its best checkpoint).
+
+    Returns:
+      A :class:`~capsjax.model.CapsNetOutput` of NumPy arrays: ``capsules`` [N, num_classes, class_dim],
+      ``lengths`` [N, num_classes] (``lengths.argmax(-1)`` is the prediction) and ``reconstructions``
+      [N, H, W, C] in [0, 1] (None for a model without decoder).
+    """
     if not isinstance(run, Run):
         run = load_run(run)
     images = np.asarray(images)
@@ -154,7 +168,13 @@ def evaluate_workdir(
 ) -> dict[str, Any]:
     """Evaluates a trained run on ``split`` of its dataset and writes ``eval_<split>.json`` and the figures
     (reconstructions, pose-perturbation grid, training curves, confusion matrix) into ``out_dir`` (default:
-    ``workdir``). Returns the metrics."""
+    ``workdir``).
+
+    Returns:
+      The metrics of :func:`evaluate_arrays` (``accuracy``, ``error_rate``, ``loss``, ``margin_loss``,
+      ``recon_loss``, ``count``, ``per_class_accuracy`` [K], ``confusion`` [K, K]) plus ``split``, ``checkpoint``,
+      ``step``, ``dataset`` and, with ``figures``, the written ``figures`` paths.
+    """
     from capsjax import data as datalib
 
     run = load_run(workdir, which)

@@ -1,0 +1,82 @@
+"""Packaging: the version, the metadata, the lazy top-level API, the CLI's --version, the generated API docs."""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import tomllib
+import warnings
+from pathlib import Path
+
+import pytest
+
+import capsjax
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version_is_in_the_changelog():
+    assert re.fullmatch(r"\d+\.\d+\.\d+", capsjax.__version__)
+    assert f"## [{capsjax.__version__}]" in (ROOT / "CHANGELOG.md").read_text()
+
+
+def test_metadata_is_complete():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["dynamic"] == ["version"]  # from capsjax.__version__
+    for field in ("description", "readme", "license", "license-files", "requires-python", "authors", "keywords"):
+        assert project.get(field), field
+    assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
+    assert any(c.startswith("Development Status") for c in project["classifiers"])
+    assert {"Homepage", "Source", "Issues", "Changelog"} <= set(project["urls"])
+    assert {"test", "tfds", "notebook", "docs"} <= set(project["optional-dependencies"])
+    assert set(project["scripts"]) == {"capsjax-train", "capsjax-eval"}
+
+
+def test_import_capsjax_is_light():
+    code = "import capsjax, json, sys; print(json.dumps(sorted(sys.modules)))"
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout))
+    heavy = {"capsjax.train", "capsjax.evaluate", "capsjax.data", "capsjax.viz", "capsjax.checkpoint", "matplotlib",
+             "orbax", "tensorflow_datasets", "tensorflow"}  # fmt: skip
+    assert not heavy & loaded, sorted(heavy & loaded)
+
+
+def test_lazy_exports():
+    from capsjax import evaluate, train
+
+    assert capsjax.predict is evaluate.predict
+    assert capsjax.train_and_evaluate is train.train_and_evaluate
+    for name in ("data", "config", "evaluate", "viz"):
+        assert getattr(capsjax, name) is sys.modules[f"capsjax.{name}"]
+    assert {"predict", "train_and_evaluate", "data", "viz"} <= set(dir(capsjax))
+    assert all(hasattr(capsjax, name) for name in capsjax.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        capsjax.nonexistent
+
+
+def test_cli_version(capsys):
+    from capsjax.cli import eval_main, train_main
+
+    for main in (train_main, eval_main):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--version"])
+        assert exit_info.value.code == 0
+        assert capsys.readouterr().out.strip() == f"capsjax {capsjax.__version__}"
+
+
+def test_api_docs_build(tmp_path):
+    pytest.importorskip("pdoc", reason="pdoc is not installed (the docs or test extra)")
+    spec = importlib.util.spec_from_file_location("build_api", ROOT / "docs" / "build_api.py")
+    build_api = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_api)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = build_api.build(tmp_path / "api")
+    problems = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]  # pdoc's import/parse errors
+    assert not problems, problems
+    assert (out / "index.html").exists()
+    for module in build_api.modules():
+        page = out / (module.replace(".", "/") + ".html")
+        assert page.stat().st_size > 1000, module
+    ops = (out / "capsjax" / "ops.html").read_text()
+    assert "dynamic_routing" in ops and "n_in, n_out" in ops
