@@ -74,13 +74,14 @@ def dynamic_routing(
     stop_gradient: bool = False,
     return_coupling: bool = False,
     bias: jax.Array | None = None,
+    unroll: bool = True,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Routing by agreement (Procedure 1 of the paper).
 
     ``b = 0``; ``num_iterations`` times: ``c = softmax(b)`` over the parents ``j``; ``s_j = sum_i c_ij u_hat_j|i``;
     ``v_j = squash(s_j)``; ``b_ij += u_hat_j|i . v_j``. The update of ``b`` after the last iteration cannot change ``v``
-    and is skipped, so ``num_iterations=1`` means uniform coupling and no agreement step. The loop is a
-    ``lax.fori_loop`` (one compiled body whatever the iteration count).
+    and is skipped, so ``num_iterations=1`` means uniform coupling and no agreement step. The first iteration
+    (``b = 0``, uniform ``c``) is written out; the others are a ``lax.fori_loop``.
 
     Args:
       u_hat: predictions of the child capsules for their parents, ``[..., n_in, n_out, d]``.
@@ -91,6 +92,9 @@ def dynamic_routing(
       return_coupling: also return the coupling coefficients ``c`` used in the final iteration.
       bias: optional ``[n_out, d]`` added to every ``s_j`` before the squash (the per-parent bias of the authors'
         released code; not in the paper).
+      unroll: unroll the ``fori_loop`` at trace time (the default). The iteration count is small and static, and
+        unrolled, XLA fuses across iterations and skips the loop's stacked residuals: on a 2-core CPU the forward
+        and backward pass of the MNIST model's routing run about twice as fast. ``False`` keeps one rolled loop body.
 
     Returns:
       ``v`` of shape ``[..., n_out, d]`` in ``u_hat``'s dtype, or ``(v, c)`` with ``c`` of shape
@@ -103,18 +107,31 @@ def dynamic_routing(
     u = u_hat.astype(_compute_dtype(u_hat.dtype))
     u_for_agreement = lax.stop_gradient(u) if stop_gradient else u
 
+    n_out = u.shape[-2]
+
+    def parents(s):
+        return squash(s if bias is None else s + jnp.broadcast_to(bias.astype(s.dtype), s.shape))
+
     def route(b, u):
         c = jax.nn.softmax(b, axis=-1)
-        s = jnp.einsum("...ij,...ijd->...jd", c, u)
-        return c, squash(s if bias is None else s + jnp.broadcast_to(bias.astype(s.dtype), s.shape))
+        return c, parents(jnp.einsum("...ij,...ijd->...jd", c, u))
+
+    def agreement(u, v):
+        return jnp.einsum("...ijd,...jd->...ij", u, v)
 
     def agreement_step(_, b):
         _, v = route(b, u_for_agreement)
-        return b + jnp.einsum("...ijd,...jd->...ij", u_for_agreement, v)
+        return b + agreement(u_for_agreement, v)
 
-    b = jnp.zeros(u.shape[:-1], u.dtype)
-    b = lax.fori_loop(0, num_iterations - 1, agreement_step, b)
-    c, v = route(b, u)
+    if num_iterations == 1:
+        # b = 0: uniform coupling, written without a softmax of zeros (which XLA would constant-fold at length).
+        c = jnp.full(u.shape[:-1], 1.0 / n_out, u.dtype)
+        v = parents(jnp.sum(u, axis=-3) / n_out)
+    else:
+        # The first iteration has b = 0, so b after it is just the agreement with the uniformly routed v.
+        b = agreement(u_for_agreement, parents(jnp.sum(u_for_agreement, axis=-3) / n_out))
+        b = lax.fori_loop(0, num_iterations - 2, agreement_step, b, unroll=unroll)
+        c, v = route(b, u)
     v = v.astype(u_hat.dtype)
     return (v, c) if return_coupling else v
 

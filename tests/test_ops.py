@@ -194,7 +194,7 @@ def test_jit_equals_no_jit():
     u_hat = jnp.asarray(RNG.normal(size=(2, 16, 10, 8)), jnp.float32)
     lengths = jnp.asarray(RNG.uniform(size=(4, 10)), jnp.float32)
     labels = jnp.asarray([1, 2, 3, 4])
-    np.testing.assert_allclose(jax.jit(capsjax.dynamic_routing)(u_hat), capsjax.dynamic_routing(u_hat), rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(capsjax.dynamic_routing)(u_hat), capsjax.dynamic_routing(u_hat), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(jax.jit(capsjax.squash)(u_hat), capsjax.squash(u_hat), rtol=1e-6)
     np.testing.assert_allclose(jax.jit(capsjax.margin_loss)(lengths, labels), capsjax.margin_loss(lengths, labels))
 
@@ -219,3 +219,16 @@ def test_bad_arguments_raise():
         capsjax.dynamic_routing(jnp.zeros((2, 3, 4)), 0)
     with pytest.raises(ValueError, match="n_in, n_out, d"):
         capsjax.dynamic_routing(jnp.zeros((3, 4)))
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
+def test_unrolled_routing_equals_rolled_loop(iterations):
+    u_hat = jnp.asarray(RNG.normal(size=(3, 24, 5, 6)), jnp.float32)
+    f = lambda u, unroll: jnp.sum(jnp.sin(capsjax.dynamic_routing(u, iterations, unroll=unroll)))  # noqa: E731
+    np.testing.assert_allclose(
+        capsjax.dynamic_routing(u_hat, iterations, unroll=True),
+        capsjax.dynamic_routing(u_hat, iterations, unroll=False),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    np.testing.assert_allclose(jax.grad(f)(u_hat, True), jax.grad(f)(u_hat, False), rtol=1e-4, atol=1e-6)
