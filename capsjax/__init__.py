@@ -20,13 +20,13 @@ from capsjax.model import CapsNet, CapsNetOutput, ModelConfig, count_params
 from capsjax.ops import dynamic_routing, margin_loss, mask_capsules, reconstruction_loss, safe_norm, squash
 
 if TYPE_CHECKING:
-    from capsjax import config, data, evaluate, viz
+    from capsjax import config, data, evaluate, viz  # noqa: F401
     from capsjax.evaluate import predict
     from capsjax.train import train_and_evaluate
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022 (grouped: functions, layers, model, training)
     "safe_norm",
     "squash",
     "dynamic_routing",

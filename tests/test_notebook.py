@@ -62,3 +62,18 @@ def test_notebook_runs_in_tiny_mode(tmp_path, monkeypatch):
         assert (workdir / "notebook_figures" / f"{name}.png").stat().st_size > 1000
     images = sum("image/png" in output.get("data", {}) for cell in notebook.cells for output in cell.get("outputs", []))
     assert images >= 8, f"expected the notebook's figures in its outputs, found {images}"
+
+
+def test_setup_cells_find_this_checkout(tmp_path, monkeypatch):
+    """The settings and set-up cells, run here where capsjax is importable: they install nothing and locate the
+    source tree the notebook sits in (what a fresh kernel would `pip install -e`)."""
+    monkeypatch.setenv("CAPSJAX_NOTEBOOK_TINY", "yes")
+    monkeypatch.delenv("CAPSJAX_NOTEBOOK_WORKDIR", raising=False)
+    code = [cell for cell in json.loads(NOTEBOOK.read_text())["cells"] if cell["cell_type"] == "code"]
+    namespace = {}
+    for cell in code[:2]:
+        exec("".join(cell["source"]), namespace)  # noqa: S102 (our own notebook)
+    assert namespace["TINY"] is True and namespace["WORKDIR"] == "runs/notebook_tiny"
+    find_checkout = namespace["find_checkout"]
+    assert find_checkout(NOTEBOOK.parent) == ROOT
+    assert find_checkout(tmp_path) is None

@@ -35,7 +35,9 @@ def test_metadata_is_complete():
 
 def test_import_capsjax_is_light():
     code = "import capsjax, json, sys; print(json.dumps(sorted(sys.modules)))"
-    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout))
+    loaded = set(
+        json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    )
     heavy = {"capsjax.train", "capsjax.evaluate", "capsjax.data", "capsjax.viz", "capsjax.checkpoint", "matplotlib",
              "orbax", "tensorflow_datasets", "tensorflow"}  # fmt: skip
     assert not heavy & loaded, sorted(heavy & loaded)
@@ -51,7 +53,7 @@ def test_lazy_exports():
     assert {"predict", "train_and_evaluate", "data", "viz"} <= set(dir(capsjax))
     assert all(hasattr(capsjax, name) for name in capsjax.__all__)
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
-        capsjax.nonexistent
+        _ = capsjax.nonexistent
 
 
 def test_cli_version(capsys):
