@@ -8,11 +8,15 @@ matmul form on CPU and the native convolution elsewhere.
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax import lax
 
 CONV_IMPLS = ("auto", "matmul", "xla")
+_GATHER_MIN_CHANNELS = 16  # below this a pixel is too short for a gather to beat slicing
 
 
 def resolve_conv_impl(impl: str) -> str:
@@ -31,11 +35,8 @@ def conv_output_size(size: int, kernel: int, stride: int) -> int:
     return (size - kernel) // stride + 1
 
 
-def extract_patches(x: jax.Array, kernel_size: tuple[int, int], stride: int) -> jax.Array:
-    """All VALID ``kh x kw`` patches of ``x`` [B, H, W, C] as ``[B, oh, ow, kh*kw*C]``, ordered (row, column, channel).
-
-    Built from ``kh*kw`` strided slices, so its gradient is a handful of pads and adds.
-    """
+def _sliced_patches(x: jax.Array, kernel_size: tuple[int, int], stride: int) -> jax.Array:
+    """The patches as a concatenation of ``kh*kw`` strided slices (whose gradient is a fused set of pads and adds)."""
     kh, kw = kernel_size
     _, height, width, _ = x.shape
     oh = conv_output_size(height, kh, stride)
@@ -46,6 +47,55 @@ def extract_patches(x: jax.Array, kernel_size: tuple[int, int], stride: int) -> 
         for j in range(kw)
     ]
     return jnp.concatenate(slices, axis=-1)
+
+
+def _patch_rows(height: int, width: int, kernel_size: tuple[int, int], stride: int) -> np.ndarray:
+    """For each (output pixel, kernel tap), in patch order, the flat input pixel it reads."""
+    kh, kw = kernel_size
+    oh = conv_output_size(height, kh, stride)
+    ow = conv_output_size(width, kw, stride)
+    rows = stride * np.arange(oh)[:, None, None, None] + np.arange(kh)[None, None, :, None]
+    cols = stride * np.arange(ow)[None, :, None, None] + np.arange(kw)[None, None, None, :]
+    return (rows * width + cols).reshape(-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gathered_patches(x: jax.Array, kernel_size: tuple[int, int], stride: int) -> jax.Array:
+    """The patches by one gather of whole pixels (``C`` contiguous values each): one pass over the output, where
+    ``kh*kw`` slices and a concatenation take several on XLA's CPU backend."""
+    batch, height, width, channels = x.shape
+    kh, kw = kernel_size
+    oh = conv_output_size(height, kh, stride)
+    ow = conv_output_size(width, kw, stride)
+    flat = x.reshape(batch, height * width, channels)
+    patches = jnp.take(flat, jnp.asarray(_patch_rows(height, width, kernel_size, stride)), axis=1)
+    return patches.reshape(batch, oh, ow, kh * kw * channels)
+
+
+def _gathered_patches_fwd(x, kernel_size, stride):
+    return _gathered_patches(x, kernel_size, stride), x.shape
+
+
+def _gathered_patches_bwd(kernel_size, stride, shape, cotangent):
+    # The transpose of the slices (pads and adds, fused) rather than a scatter-add.
+    _, vjp = jax.vjp(lambda x: _sliced_patches(x, kernel_size, stride), jnp.zeros(shape, cotangent.dtype))
+    return vjp(cotangent)
+
+
+_gathered_patches.defvjp(_gathered_patches_fwd, _gathered_patches_bwd)
+
+
+def extract_patches(x: jax.Array, kernel_size: tuple[int, int], stride: int) -> jax.Array:
+    """All VALID ``kh x kw`` patches of ``x`` [B, H, W, C] as ``[B, oh, ow, kh*kw*C]``, ordered (row, column, channel).
+
+    With several channels the patches come from one gather of whole pixels and the gradient from the transpose of
+    strided slices; with few channels (e.g. the input image) from ``kh*kw`` strided slices.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"extract_patches expects [B, H, W, C], got {x.shape}")
+    if x.shape[-1] >= _GATHER_MIN_CHANNELS:
+        return _gathered_patches(x, tuple(kernel_size), stride)
+    return _sliced_patches(x, kernel_size, stride)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: str = "auto") -> jax.Array:

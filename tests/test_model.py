@@ -26,18 +26,20 @@ def np_conv_valid(x, k, stride):
     return out
 
 
+@pytest.mark.parametrize("channels", [3, 16])  # sliced and gathered patches
 @pytest.mark.parametrize("stride", [1, 2, 3])
-def test_conv_impls_match_numpy(stride):
-    x = RNG.normal(size=(2, 13, 11, 3)).astype(np.float32)
-    k = RNG.normal(size=(4, 5, 3, 6)).astype(np.float32)
+def test_conv_impls_match_numpy(stride, channels):
+    x = RNG.normal(size=(2, 13, 11, channels)).astype(np.float32)
+    k = RNG.normal(size=(4, 5, channels, 6)).astype(np.float32)
     ref = np_conv_valid(x, k, stride)
     for impl in ("matmul", "xla"):
         np.testing.assert_allclose(conv2d(x, k, stride, impl), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_conv_impls_have_same_gradients():
-    x = jnp.asarray(RNG.normal(size=(3, 20, 20, 8)), jnp.float32)
-    k = jnp.asarray(RNG.normal(size=(9, 9, 8, 16)) * 0.1, jnp.float32)
+@pytest.mark.parametrize("channels", [8, 32])  # sliced and gathered patches
+def test_conv_impls_have_same_gradients(channels):
+    x = jnp.asarray(RNG.normal(size=(3, 20, 20, channels)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(9, 9, channels, 16)) * 0.1, jnp.float32)
     t = jnp.asarray(RNG.normal(size=(3, 6, 6, 16)), jnp.float32)
 
     def loss(x, k, impl):
@@ -141,3 +143,15 @@ def test_bfloat16_convolutions_stay_close_to_float32():
     out16 = capsjax.CapsNet(dataclasses.replace(SMALL, conv_dtype="bfloat16"), rngs=nnx.Rngs(0))(images)
     assert out16.lengths.dtype == jnp.float32
     np.testing.assert_allclose(out16.lengths, out32.lengths, rtol=5e-2, atol=5e-3)
+
+
+def test_gathered_patches_equal_sliced_patches_and_gradients():
+    from capsjax import conv
+
+    x = jnp.asarray(RNG.normal(size=(2, 20, 17, 16)), jnp.float32)
+    t = jnp.asarray(RNG.normal(size=(2, 6, 5, 81 * 16)), jnp.float32)
+    gathered = jax.jit(conv.extract_patches, static_argnums=(1, 2))
+    np.testing.assert_array_equal(gathered(x, (9, 9), 2), conv._sliced_patches(x, (9, 9), 2))
+    g1 = jax.grad(lambda x: jnp.sum(jnp.sin(gathered(x, (9, 9), 2)) * t))(x)
+    g2 = jax.grad(lambda x: jnp.sum(jnp.sin(conv._sliced_patches(x, (9, 9), 2)) * t))(x)
+    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-5)
