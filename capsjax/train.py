@@ -84,12 +84,17 @@ def _check_resumable(config: TrainConfig, workdir: Path) -> None:
 
 
 class _Progress:
-    """tqdm on a terminal (process 0 only); silent otherwise."""
+    """tqdm on a terminal or in a Jupyter kernel (process 0 only); plain lines otherwise (logs, pipes)."""
 
     def __init__(self, enabled: bool, total: int, initial: int):
         self.bar = None
-        if enabled and sys.stderr.isatty() and jax.process_index() == 0:
-            from tqdm.auto import tqdm
+        interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+        if enabled and interactive and jax.process_index() == 0:
+            try:  # a widget in notebooks that have ipywidgets, text otherwise
+                import ipywidgets  # noqa: F401
+                from tqdm.auto import tqdm
+            except ImportError:
+                from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.1)
 
