@@ -24,7 +24,8 @@ class CheckpointError(RuntimeError):
 
 
 def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    # Synchronous saves: the train step donates the state buffers, so nothing may read them after save() returns.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 

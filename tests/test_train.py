@@ -194,7 +194,11 @@ def test_eval_cli_on_missing_workdir(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"MNIST IDX files not found in {MNIST_DIR}")
 def test_short_mnist_run_reaches_accuracy(tmp_path):
-    """4,000 real MNIST training images, 2 epochs of a narrower CapsNet: >= 95% on 2,000 test digits."""
+    """4,000 real MNIST training images, 2 epochs of a narrower CapsNet (64 conv1 channels, 16 primary capsule maps):
+    >= 95% on the full 10,000-image test set.
+
+    A CapsNet reaches about 97% after one pass over a few thousand digits; 95% leaves room for seeds and platforms
+    while still failing on any real regression (a broken routing, loss or augmentation stays far below it)."""
     config = dataclasses.replace(
         get_config("default"),
         model=dataclasses.replace(ModelConfig(), conv1_channels=64, primary_maps=16),
@@ -208,4 +212,5 @@ def test_short_mnist_run_reaches_accuracy(tmp_path):
         checkpoint_every_steps=1000,
     )
     results = train_and_evaluate(config, tmp_path)
+    print(f"short MNIST run: test accuracy {results['test_accuracy']:.4f}")
     assert results["test_accuracy"] >= 0.95, results
