@@ -155,3 +155,22 @@ def test_gathered_patches_equal_sliced_patches_and_gradients():
     g1 = jax.grad(lambda x: jnp.sum(jnp.sin(gathered(x, (9, 9), 2)) * t))(x)
     g2 = jax.grad(lambda x: jnp.sum(jnp.sin(conv._sliced_patches(x, (9, 9), 2)) * t))(x)
     np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-5)
+
+
+def test_train_step_never_tiles_the_routing_weights():
+    """No buffer of the compiled default train step is as large as W repeated per example (batch x 1152x10x16x8)."""
+    import re
+
+    from capsjax.steps import OptimConfig, init_state, make_steps
+
+    batch = 5  # 5 x W (7.4M values) exceeds every weight array, the 9x9x256x256 kernel (5.3M) included
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    graphdef, state = init_state(capsjax.ModelConfig(), OptimConfig(), seed=0, mesh=mesh)
+    steps = make_steps(graphdef, OptimConfig(), mesh=mesh)
+    images = jnp.zeros((batch, 28, 28, 1), jnp.uint8)
+    labels = jnp.zeros((batch,), jnp.int32)
+    hlo = steps.train.lower(state, images, labels).compile().as_text()
+    sizes = [int(np.prod([int(d) for d in dims.split(",") if d])) for dims in re.findall(r"f32\[([\d,]*)\]", hlo)]
+    w_size = 1152 * 10 * 16 * 8
+    assert max(sizes) >= w_size  # W itself (and its Adam moments) are there ...
+    assert max(sizes) < batch * w_size  # ... but never once per example
