@@ -45,6 +45,16 @@ def _timed(fn, steps: int, repeats: int) -> list[float]:
     return windows
 
 
+def _measure(fn, args) -> tuple[float, list[float]]:
+    """Seconds of the first (compiling) call, then ``args.warmup`` untimed calls, then the timed windows."""
+    start = time.perf_counter()
+    fn()
+    compile_s = round(time.perf_counter() - start, 2)
+    for _ in range(args.warmup):
+        fn()
+    return compile_s, _timed(fn, args.steps, args.repeats)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import jax
@@ -81,12 +91,7 @@ def main(argv=None) -> dict:
             holder["state"], metrics = steps.train(holder["state"], images, labels)
             jax.block_until_ready(metrics["loss"])
 
-        start = time.perf_counter()
-        train()
-        result["compile_s"] = round(time.perf_counter() - start, 2)
-        for _ in range(args.warmup):
-            train()
-        windows = _timed(train, args.steps, args.repeats)
+        result["compile_s"], windows = _measure(train, args)
         result["train_step_s"] = round(statistics.median(windows), 4)
         result["train_img_per_s"] = round(args.batch_size / statistics.median(windows), 1)
         result["train_img_per_s_windows"] = [round(args.batch_size / w, 1) for w in windows]
@@ -97,12 +102,7 @@ def main(argv=None) -> dict:
         def infer():
             jax.block_until_ready(steps.predict(params, images).lengths)
 
-        start = time.perf_counter()
-        infer()
-        result["infer_compile_s"] = round(time.perf_counter() - start, 2)
-        for _ in range(args.warmup):
-            infer()
-        windows = _timed(infer, args.steps, args.repeats)
+        result["infer_compile_s"], windows = _measure(infer, args)
         result["infer_img_per_s"] = round(args.batch_size / statistics.median(windows), 1)
         result["infer_img_per_s_windows"] = [round(args.batch_size / w, 1) for w in windows]
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 CONV_IMPLS = ("auto", "matmul", "xla")
