@@ -1,8 +1,8 @@
 """capsjax: Capsule Networks (Sabour, Frosst & Hinton, 2017) in JAX and Flax.
 
-The pure capsule functions (:func:`squash`, :func:`safe_norm`, :func:`dynamic_routing`, :func:`margin_loss`,
-:func:`reconstruction_loss`, :func:`mask_capsules`) and the Flax NNX modules (:class:`CapsNet` and its layers) are
-imported with the package. The trainer, the evaluator, the data pipeline and the figures are loaded on first use, so
+The pure capsule functions (:func:`squash`, :func:`safe_norm`, :func:`capsule_predictions`, :func:`dynamic_routing`,
+:func:`margin_loss`, :func:`reconstruction_loss`, :func:`mask_capsules`) and the Flax NNX modules (:class:`CapsNet` and its
+layers) are imported with the package. The trainer, the evaluator, the data pipeline and the figures are loaded on first use, so
 ``import capsjax`` does not pull in Orbax, Optax, TensorFlow Datasets or matplotlib:
 
 - :func:`train_and_evaluate` (``capsjax.train``) and :func:`predict` (``capsjax.evaluate``);
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from capsjax.conv import conv2d, extract_patches
 from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules
 from capsjax.model import CapsNet, CapsNetOutput, ModelConfig, count_params
-from capsjax.ops import dynamic_routing, margin_loss, mask_capsules, reconstruction_loss, safe_norm, squash
+from capsjax.ops import capsule_predictions, dynamic_routing, margin_loss, mask_capsules, reconstruction_loss, safe_norm, squash
 
 if TYPE_CHECKING:
     from capsjax import config, data, evaluate, viz  # noqa: F401
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [  # noqa: RUF022 (grouped: functions, layers, model, training)
     "safe_norm",
     "squash",
+    "capsule_predictions",
     "dynamic_routing",
     "margin_loss",
     "reconstruction_loss",

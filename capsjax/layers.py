@@ -79,7 +79,8 @@ class RoutingCapsules(nnx.Module):
     """Fully connected capsule layer with routing by agreement.
 
     Holds ``W`` of shape ``[n_in, n_out, d_out, d_in]``; the predictions ``u_hat[b, i, j] = W[i, j] @ u[b, i]`` come
-    from one ``einsum`` (``W`` is shared across the batch, never tiled). ``use_bias`` adds the per-parent bias of the
+    from one batched matrix product (:func:`capsjax.ops.capsule_predictions`; ``W`` is shared across the batch, never
+    tiled). ``use_bias`` adds the per-parent bias of the
     authors' released code to ``s_j`` (not in the paper; off by default).
     """
 
@@ -107,7 +108,7 @@ class RoutingCapsules(nnx.Module):
         n_in, _, _, d_in = self.W.shape
         if u.shape[-2:] != (n_in, d_in):
             raise ValueError(f"RoutingCapsules expects capsules [B, {n_in}, {d_in}], got {u.shape}")
-        return jnp.einsum("ijdk,bik->bijd", self.W[...], u)
+        return ops.capsule_predictions(self.W[...], u)
 
     def __call__(self, u: jax.Array, return_coupling: bool = False):
         """``u`` [B, n_in, d_in] -> ``v`` [B, n_out, d_out] (and the final coupling coefficients if asked)."""

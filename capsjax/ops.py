@@ -17,6 +17,7 @@ from jax import lax
 __all__ = [
     "safe_norm",
     "squash",
+    "capsule_predictions",
     "dynamic_routing",
     "margin_loss",
     "reconstruction_loss",
@@ -68,6 +69,31 @@ def squash(s: jax.Array, axis: int = -1, epsilon: float = 1e-7) -> jax.Array:
     return (scale * x).astype(s.dtype)
 
 
+def capsule_predictions(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """The child capsules' predictions for their parents (paper eq. 2): ``u_hat[..., i, j] = weights[i, j] @ u[..., i]``.
+
+    One batched matrix product over the children ``i``; ``weights`` is shared by every example, never tiled.
+
+    Args:
+      weights: ``[n_in, n_out, d_out, d_in]``.
+      u: child capsules ``[..., n_in, d_in]``.
+
+    Returns:
+      ``u_hat`` of shape ``[..., n_in, n_out, d_out]``.
+    """
+    n_in, n_out, d_out, d_in = weights.shape
+    if u.ndim < 2 or u.shape[-2:] != (n_in, d_in):
+        raise ValueError(f"capsules must have shape [..., {n_in}, {d_in}] for weights {weights.shape}, got {u.shape}")
+    lead = u.shape[:-2]
+    u_t = jnp.moveaxis(u.reshape(-1, n_in, d_in), 1, 0)  # [i, B, d_in]
+    w_t = jnp.transpose(weights, (0, 3, 1, 2)).reshape(n_in, d_in, n_out * d_out)  # [i, d_in, (j, d_out)]
+    # u as the left operand: the transpose of this product gives dW as [i, d_in, (j, d_out)] straight from a batched
+    # matmul over i, where the other operand order makes XLA's CPU backend re-lay out u_hat's cotangent with the batch
+    # minor first (~0.1 s per step at batch 100).
+    u_hat = lax.dot_general(u_t, w_t, (((2,), (1,)), ((0,), (0,))))  # [i, B, (j, d_out)]
+    return jnp.moveaxis(u_hat, 0, 1).reshape(*lead, n_in, n_out, d_out)
+
+
 def dynamic_routing(
     u_hat: jax.Array,
     num_iterations: int = 3,
@@ -105,22 +131,25 @@ def dynamic_routing(
     if u_hat.ndim < 3:
         raise ValueError(f"u_hat must have shape [..., n_in, n_out, d], got {u_hat.shape}")
     u = u_hat.astype(_compute_dtype(u_hat.dtype))
+    # Parent-major layout [..., n_out, n_in, d]: every contraction below (over n_in for s_j, over d for the agreement)
+    # is then a batched matrix-vector product over (..., j) that XLA runs without re-laying out u_hat.
+    u = jnp.swapaxes(u, -3, -2)
     u_for_agreement = lax.stop_gradient(u) if stop_gradient else u
 
-    n_out = u.shape[-2]
+    n_out = u.shape[-3]
 
     def parents(s):
         return squash(s if bias is None else s + jnp.broadcast_to(bias.astype(s.dtype), s.shape))
 
     def route(b, u):
-        c = jax.nn.softmax(b, axis=-1)
-        return c, parents(jnp.einsum("...ij,...ijd->...jd", c, u))
+        c = jax.nn.softmax(b, axis=-2)  # over the parents j
+        return c, parents(jnp.einsum("...ji,...jid->...jd", c, u))
 
     def agreement(u, v):
-        return jnp.einsum("...ijd,...jd->...ij", u, v)
+        return jnp.einsum("...jid,...jd->...ji", u, v)
 
     def uniform_route(u):
-        return parents(jnp.sum(u, axis=-3) / n_out)
+        return parents(jnp.sum(u, axis=-2) / n_out)
 
     def agreement_step(_, b):
         _, v = route(b, u_for_agreement)
@@ -135,6 +164,7 @@ def dynamic_routing(
         b = agreement(u_for_agreement, uniform_route(u_for_agreement))
         b = lax.fori_loop(0, num_iterations - 2, agreement_step, b, unroll=unroll)
         c, v = route(b, u)
+    c = jnp.swapaxes(c, -2, -1)
     v = v.astype(u_hat.dtype)
     return (v, c) if return_coupling else v
 

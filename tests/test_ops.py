@@ -172,6 +172,20 @@ def test_gradient_at_exact_zero_is_finite_in_float32():
         assert np.all(np.isfinite(np.asarray(g)))
 
 
+def test_capsule_predictions_match_numpy_and_gradients():
+    weights = RNG.normal(size=(5, 3, 4, 2))
+    u = RNG.normal(size=(2, 3, 5, 2))  # two leading batch axes
+    expected = np.einsum("ijdk,abik->abijd", weights, u)
+    got = ops.capsule_predictions(jnp.asarray(weights, jnp.float32), jnp.asarray(u, jnp.float32))
+    assert got.shape == (2, 3, 5, 3, 4)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    with jax.enable_x64(True):
+        args = (jnp.asarray(weights, jnp.float64), jnp.asarray(u[0], jnp.float64))
+        check_grads(ops.capsule_predictions, args, order=2, modes=("fwd", "rev"), eps=1e-5)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 5, 2\]"):
+        ops.capsule_predictions(jnp.zeros((5, 3, 4, 2)), jnp.zeros((2, 4, 2)))
+
+
 def test_routing_gradients_match_finite_differences():
     with jax.enable_x64(True):
         u_hat = jnp.asarray(RNG.normal(size=(2, 5, 3, 4)), jnp.float64)
