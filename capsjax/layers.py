@@ -78,9 +78,10 @@ class PrimaryCapsules(nnx.Module):
 class RoutingCapsules(nnx.Module):
     """Fully connected capsule layer with routing by agreement.
 
-    Holds ``W`` of shape ``[n_in, n_out, d_out, d_in]``; the predictions ``u_hat[b, i, j] = W[i, j] @ u[b, i]`` come
-    from one batched matrix product (:func:`capsjax.ops.capsule_predictions`; ``W`` is shared across the batch, never
-    tiled). ``use_bias`` adds the per-parent bias of the
+    Holds ``W`` of shape ``[n_in, n_out, d_out, d_in]``; the predictions ``u_hat[b, i, j] = W[i, j] @ u[b, i]`` use
+    ``W`` shared across the batch, never tiled. The layer computes them with
+    :func:`capsjax.ops.parent_major_predictions`, so it is differentiable in reverse mode (``jax.grad``, ``jax.vjp``)
+    but not in forward mode (``jax.jvp``); :meth:`predictions` (the plain batched product) supports both. ``use_bias`` adds the per-parent bias of the
     authors' released code to ``s_j`` (not in the paper; off by default).
     """
 
@@ -112,8 +113,13 @@ class RoutingCapsules(nnx.Module):
 
     def __call__(self, u: jax.Array, return_coupling: bool = False):
         """``u`` [B, n_in, d_in] -> ``v`` [B, n_out, d_out] (and the final coupling coefficients if asked)."""
-        u_hat = self.predictions(u)
+        n_in, _, _, d_in = self.W.shape
+        if u.ndim != 3 or u.shape[-2:] != (n_in, d_in):
+            raise ValueError(f"RoutingCapsules expects capsules [B, {n_in}, {d_in}], got {u.shape}")
+        u_hat = ops.parent_major_predictions(self.W[...], u)  # [B, n_out, n_in, d_out]
         bias = None if self.bias is None else self.bias[...]
+        # dynamic_routing takes [B, n_in, n_out, d] and works parent-major inside: the two swaps cancel in XLA.
+        u_hat = jnp.swapaxes(u_hat, 1, 2)
         return ops.dynamic_routing(u_hat, self.num_iterations, self.stop_gradient, return_coupling, bias)
 
 

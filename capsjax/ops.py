@@ -18,6 +18,7 @@ __all__ = [
     "safe_norm",
     "squash",
     "capsule_predictions",
+    "parent_major_predictions",
     "dynamic_routing",
     "margin_loss",
     "reconstruction_loss",
@@ -92,6 +93,50 @@ def capsule_predictions(weights: jax.Array, u: jax.Array) -> jax.Array:
     # minor first (~0.1 s per step at batch 100).
     u_hat = lax.dot_general(u_t, w_t, (((2,), (1,)), ((0,), (0,))))  # [i, B, (j, d_out)]
     return jnp.moveaxis(u_hat, 0, 1).reshape(*lead, n_in, n_out, d_out)
+
+
+@jax.custom_vjp
+def parent_major_predictions(weights: jax.Array, u: jax.Array) -> jax.Array:
+    """:func:`capsule_predictions` laid out for routing, ``[B, n_out, n_in, d_out]``; reverse-mode only.
+
+    The forward pass is ``d_in`` broadcast multiply-adds that XLA fuses into one pass writing ``u_hat`` straight in the
+    parent-major layout :func:`dynamic_routing` works in; the backward pass is the two batched matrix products of
+    :func:`capsule_predictions`' gradient. On XLA's CPU backend this saves a re-layout of ``u_hat`` and one of its
+    buffers (the default train step at batch 100: ~0.07 s and 55 MB). Differentiable with ``jax.grad`` / ``jax.vjp``,
+    not with ``jax.jvp``; :func:`capsule_predictions` supports every mode.
+
+    Args:
+      weights: ``[n_in, n_out, d_out, d_in]``.
+      u: child capsules ``[B, n_in, d_in]``.
+    """
+    n_in, n_out, d_out, d_in = weights.shape
+    if u.ndim != 3 or u.shape[1:] != (n_in, d_in):
+        raise ValueError(f"capsules must have shape [B, {n_in}, {d_in}] for weights {weights.shape}, got {u.shape}")
+    w = jnp.swapaxes(weights, 0, 1)[None]  # [1, j, i, d_out, d_in]
+    x = u[:, None, :, None, :]  # [B, 1, i, 1, d_in]
+    u_hat = x[..., 0] * w[..., 0]
+    for k in range(1, d_in):
+        u_hat = u_hat + x[..., k] * w[..., k]
+    return u_hat
+
+
+def _parent_major_predictions_fwd(weights, u):
+    return parent_major_predictions(weights, u), (weights, u)
+
+
+def _parent_major_predictions_bwd(residuals, cotangent):
+    weights, u = residuals
+    n_in, n_out, d_out, d_in = weights.shape
+    batch = u.shape[0]
+    g = jnp.transpose(cotangent, (2, 0, 1, 3)).reshape(n_in, batch, n_out * d_out)  # [i, B, (j, d_out)]
+    u_t = jnp.moveaxis(u, 1, 0)  # [i, B, d_in]
+    w_grad = lax.dot_general(u_t, g, (((1,), (1,)), ((0,), (0,))))  # [i, d_in, (j, d_out)]
+    w_grad = jnp.transpose(w_grad.reshape(n_in, d_in, n_out, d_out), (0, 2, 3, 1))
+    u_grad = lax.dot_general(g, weights.reshape(n_in, n_out * d_out, d_in), (((2,), (1,)), ((0,), (0,))))
+    return w_grad.astype(weights.dtype), jnp.moveaxis(u_grad, 0, 1).astype(u.dtype)
+
+
+parent_major_predictions.defvjp(_parent_major_predictions_fwd, _parent_major_predictions_bwd)
 
 
 def dynamic_routing(

@@ -186,6 +186,24 @@ def test_capsule_predictions_match_numpy_and_gradients():
         ops.capsule_predictions(jnp.zeros((5, 3, 4, 2)), jnp.zeros((2, 4, 2)))
 
 
+def test_parent_major_predictions_equal_capsule_predictions_values_and_gradients():
+    weights = jnp.asarray(RNG.normal(size=(7, 3, 4, 5)), jnp.float32)
+    u = jnp.asarray(RNG.normal(size=(2, 7, 5)), jnp.float32)
+    t = jnp.asarray(RNG.normal(size=(2, 3, 7, 4)), jnp.float32)
+    plain = jnp.swapaxes(ops.capsule_predictions(weights, u), 1, 2)
+    np.testing.assert_allclose(ops.parent_major_predictions(weights, u), plain, rtol=1e-5, atol=1e-6)
+
+    def loss(fn):
+        return lambda w, x: jnp.sum(jnp.sin(fn(w, x)) * t)
+
+    fast = jax.grad(loss(ops.parent_major_predictions), argnums=(0, 1))(weights, u)
+    ref = jax.grad(loss(lambda w, x: jnp.swapaxes(ops.capsule_predictions(w, x), 1, 2)), argnums=(0, 1))(weights, u)
+    for a, b in zip(fast, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[B, 7, 5\]"):
+        ops.parent_major_predictions(weights, jnp.zeros((2, 7, 4)))
+
+
 def test_routing_gradients_match_finite_differences():
     with jax.enable_x64(True):
         u_hat = jnp.asarray(RNG.normal(size=(2, 5, 3, 4)), jnp.float64)
