@@ -31,6 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--devices", type=int, default=None, help="devices in the data mesh (default: all)")
     parser.add_argument("--routing-stop-gradient", action="store_true", help="the non-default fast routing gradient")
     parser.add_argument("--mode", default="both", choices=("both", "train", "infer"))
+    parser.add_argument("--tune-malloc", action="store_true", help="glibc allocator settings of capsjax.hostmem")
     return parser.parse_args(argv)
 
 
@@ -57,6 +58,9 @@ def _measure(fn, args) -> tuple[float, list[float]]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from capsjax.hostmem import tune_malloc_for_xla_cpu
+
+    malloc_tuned = tune_malloc_for_xla_cpu() if args.tune_malloc else False  # before JAX starts, as the CLIs do
     import jax
     import numpy as np
 
@@ -81,6 +85,7 @@ def main(argv=None) -> dict:
         "conv_dtype": args.dtype,
         "conv_impl": args.conv_impl,
         "routing_stop_gradient": args.routing_stop_gradient,
+        "malloc_tuned": malloc_tuned,
         "jax": jax.__version__,
         "cpu_count": os.cpu_count(),
     }

@@ -28,6 +28,9 @@ _TRAIN_FLAGS = {
 }
 
 
+_TUNE_MALLOC_HELP = "CPU: faster steps for more host memory (glibc allocator settings, see capsjax.hostmem)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line."""
 
@@ -53,6 +56,7 @@ def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--tune-malloc", action="store_true", help=_TUNE_MALLOC_HELP)
     parser.add_argument("--version", action="version", version=f"capsjax {__version__}")
     return parser
 
@@ -80,6 +84,10 @@ def train_main(argv: list[str] | None = None, prog: str = "capsjax-train") -> in
     """Entry point of ``capsjax-train``: parses ``argv`` (default ``sys.argv[1:]``), trains, returns the exit status
     (0 done, 1 checkpoint or divergence error, 2 bad configuration or data, 130 interrupted)."""
     args = build_train_parser(prog).parse_args(argv)
+    if args.tune_malloc:
+        from capsjax.hostmem import tune_malloc_for_xla_cpu
+
+        tune_malloc_for_xla_cpu()  # before JAX starts its CPU client
     from capsjax.checkpoint import CheckpointError
     from capsjax.config import ConfigError, to_dict
     from capsjax.data import DataError
@@ -114,6 +122,7 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default=None, help="where to write eval JSON and figures (default: the workdir)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--tune-malloc", action="store_true", help=_TUNE_MALLOC_HELP)
     parser.add_argument("--version", action="version", version=f"capsjax {__version__}")
     return parser
 
@@ -122,6 +131,10 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
     """Entry point of ``capsjax-eval``: evaluates a work directory, prints the accuracy and the confusion matrix,
     writes ``eval_<split>.json`` and the figures; returns the exit status (0, 1 checkpoint error, 2 bad input)."""
     args = build_eval_parser(prog).parse_args(argv)
+    if args.tune_malloc:
+        from capsjax.hostmem import tune_malloc_for_xla_cpu
+
+        tune_malloc_for_xla_cpu()  # before JAX starts its CPU client
     from capsjax.checkpoint import CheckpointError
     from capsjax.config import ConfigError
     from capsjax.data import DataError

@@ -19,10 +19,15 @@ CONV_IMPLS = ("auto", "matmul", "xla")
 _GATHER_MIN_CHANNELS = 16  # below this a pixel is too short for a gather to beat slicing
 
 
-def resolve_conv_impl(impl: str) -> str:
-    """Maps ``"auto"`` to ``"matmul"`` on the CPU backend and to ``"xla"`` on any other."""
+def check_conv_impl(impl: str) -> None:
+    """Raises unless ``impl`` names an implementation (without asking JAX for its backend)."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
+
+
+def resolve_conv_impl(impl: str) -> str:
+    """Maps ``"auto"`` to ``"matmul"`` on the CPU backend and to ``"xla"`` on any other."""
+    check_conv_impl(impl)
     if impl == "auto":
         return "matmul" if jax.default_backend() == "cpu" else "xla"
     return impl

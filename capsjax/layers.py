@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from capsjax import ops
-from capsjax.conv import conv2d, resolve_conv_impl
+from capsjax.conv import check_conv_impl, conv2d
 
 
 class Conv2D(nnx.Module):
@@ -29,7 +29,7 @@ class Conv2D(nnx.Module):
         dtype=None,
         rngs: nnx.Rngs,
     ):
-        resolve_conv_impl(impl)  # validate early
+        check_conv_impl(impl)  # validate early
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,)))

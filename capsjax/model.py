@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from capsjax import ops
-from capsjax.conv import conv_output_size, resolve_conv_impl
+from capsjax.conv import check_conv_impl, conv_output_size
 from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -45,7 +45,7 @@ class ModelConfig:
             raise ValueError(f"routing_iterations must be >= 1, got {self.routing_iterations}")
         if self.conv_dtype not in _DTYPES:
             raise ValueError(f"conv_dtype must be one of {sorted(_DTYPES)}, got {self.conv_dtype!r}")
-        resolve_conv_impl(self.conv_impl)
+        check_conv_impl(self.conv_impl)  # not resolved here: that would start JAX's backend at import
         self.primary_grid  # raises if the kernels do not fit the image
 
     @property
