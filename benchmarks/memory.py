@@ -2,9 +2,9 @@
 
 Runs ``throughput.py --mode train`` in a fresh process per batch size (peak RSS is per process) and prints one JSON
 line with the peak RSS per batch size, the fitted growth per image and the fixed part. Per image the step holds the
-primary capsules' patch matrix (36 x 20736 floats = 3.0 MB) and, in the backward pass, its gradient, plus the routing
-tensors (1152 x 10 x 16 floats = 0.74 MB each). For scale, ``tiled_W_would_add_mb_per_image`` is what one per-example
-copy of W would cost; that W is never tiled is checked on the compiled step's buffers by
+primary capsules' patch matrix (36 x 20736 floats = 3.0 MB; in the backward pass its gradient reuses that buffer) and
+the routing tensors (1152 x 10 x 16 floats = 0.74 MB each). For scale, ``tiled_W_would_add_mb_per_image`` is what
+one per-example copy of W would cost; that W is never tiled is checked on the compiled step's buffers by
 ``tests/test_model.py::test_train_step_never_tiles_the_routing_weights``.
 
     python benchmarks/memory.py --batch-sizes 32,64,128,256,512

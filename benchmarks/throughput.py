@@ -31,7 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--devices", type=int, default=None, help="devices in the data mesh (default: all)")
     parser.add_argument("--routing-stop-gradient", action="store_true", help="the non-default fast routing gradient")
     parser.add_argument("--mode", default="both", choices=("both", "train", "infer"))
-    parser.add_argument("--tune-malloc", action="store_true", help="glibc allocator settings of capsjax.hostmem")
+    parser.add_argument("--no-huge-pages", action="store_true", help="skip the restart with huge pages (capsjax.hostmem)")
     return parser.parse_args(argv)
 
 
@@ -58,9 +58,6 @@ def _measure(fn, args) -> tuple[float, list[float]]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from capsjax.hostmem import tune_malloc_for_xla_cpu
-
-    malloc_tuned = tune_malloc_for_xla_cpu() if args.tune_malloc else False  # before JAX starts, as the CLIs do
     import jax
     import numpy as np
 
@@ -85,7 +82,7 @@ def main(argv=None) -> dict:
         "conv_dtype": args.dtype,
         "conv_impl": args.conv_impl,
         "routing_stop_gradient": args.routing_stop_gradient,
-        "malloc_tuned": malloc_tuned,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "jax": jax.__version__,
         "cpu_count": os.cpu_count(),
     }
@@ -116,4 +113,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    if "--no-huge-pages" not in sys.argv[1:]:
+        from capsjax.hostmem import reexec_with_huge_pages
+
+        reexec_with_huge_pages()  # as the CLIs do
     sys.exit(0 if main() else 1)

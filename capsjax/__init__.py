@@ -1,9 +1,9 @@
 """capsjax: Capsule Networks (Sabour, Frosst & Hinton, 2017) in JAX and Flax.
 
 The pure capsule functions (:func:`squash`, :func:`safe_norm`, :func:`capsule_predictions`, :func:`dynamic_routing`,
-:func:`margin_loss`, :func:`reconstruction_loss`, :func:`mask_capsules`) and the Flax NNX modules (:class:`CapsNet` and its
-layers) are imported with the package. The trainer, the evaluator, the data pipeline and the figures are loaded on first use, so
-``import capsjax`` does not pull in Orbax, Optax, TensorFlow Datasets or matplotlib:
+:func:`margin_loss`, :func:`reconstruction_loss`, :func:`mask_capsules`) and the Flax NNX modules (:class:`CapsNet` and
+its layers) are imported with the package. The trainer, the evaluator, the data pipeline and the figures are loaded on
+first use, so ``import capsjax`` does not pull in Orbax, Optax, TensorFlow Datasets or matplotlib:
 
 - :func:`train_and_evaluate` (``capsjax.train``) and :func:`predict` (``capsjax.evaluate``);
 - the submodules ``capsjax.data``, ``capsjax.config``, ``capsjax.evaluate`` and ``capsjax.viz``.

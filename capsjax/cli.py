@@ -28,9 +28,6 @@ _TRAIN_FLAGS = {
 }
 
 
-_TUNE_MALLOC_HELP = "CPU: faster steps for more host memory (glibc allocator settings, see capsjax.hostmem)"
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line."""
 
@@ -56,7 +53,6 @@ def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--tune-malloc", action="store_true", help=_TUNE_MALLOC_HELP)
     parser.add_argument("--version", action="version", version=f"capsjax {__version__}")
     return parser
 
@@ -84,10 +80,6 @@ def train_main(argv: list[str] | None = None, prog: str = "capsjax-train") -> in
     """Entry point of ``capsjax-train``: parses ``argv`` (default ``sys.argv[1:]``), trains, returns the exit status
     (0 done, 1 checkpoint or divergence error, 2 bad configuration or data, 130 interrupted)."""
     args = build_train_parser(prog).parse_args(argv)
-    if args.tune_malloc:
-        from capsjax.hostmem import tune_malloc_for_xla_cpu
-
-        tune_malloc_for_xla_cpu()  # before JAX starts its CPU client
     from capsjax.checkpoint import CheckpointError
     from capsjax.config import ConfigError, to_dict
     from capsjax.data import DataError
@@ -122,7 +114,6 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default=None, help="where to write eval JSON and figures (default: the workdir)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--no-figures", action="store_true")
-    parser.add_argument("--tune-malloc", action="store_true", help=_TUNE_MALLOC_HELP)
     parser.add_argument("--version", action="version", version=f"capsjax {__version__}")
     return parser
 
@@ -131,10 +122,6 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
     """Entry point of ``capsjax-eval``: evaluates a work directory, prints the accuracy and the confusion matrix,
     writes ``eval_<split>.json`` and the figures; returns the exit status (0, 1 checkpoint error, 2 bad input)."""
     args = build_eval_parser(prog).parse_args(argv)
-    if args.tune_malloc:
-        from capsjax.hostmem import tune_malloc_for_xla_cpu
-
-        tune_malloc_for_xla_cpu()  # before JAX starts its CPU client
     from capsjax.checkpoint import CheckpointError
     from capsjax.config import ConfigError
     from capsjax.data import DataError
@@ -165,3 +152,20 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
     for path in metrics.get("figures", []):
         print(f"wrote {path}")
     return 0
+
+
+def train_command() -> int:
+    """The ``capsjax-train`` program: :func:`train_main` after restarting with huge pages where that applies
+    (:mod:`capsjax.hostmem`)."""
+    from capsjax.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+    return train_main()
+
+
+def eval_command() -> int:
+    """The ``capsjax-eval`` program: :func:`eval_main` after restarting with huge pages where that applies."""
+    from capsjax.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
+    return eval_main()

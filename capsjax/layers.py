@@ -81,8 +81,8 @@ class RoutingCapsules(nnx.Module):
     Holds ``W`` of shape ``[n_in, n_out, d_out, d_in]``; the predictions ``u_hat[b, i, j] = W[i, j] @ u[b, i]`` use
     ``W`` shared across the batch, never tiled. The layer computes them with
     :func:`capsjax.ops.parent_major_predictions`, so it is differentiable in reverse mode (``jax.grad``, ``jax.vjp``)
-    but not in forward mode (``jax.jvp``); :meth:`predictions` (the plain batched product) supports both. ``use_bias`` adds the per-parent bias of the
-    authors' released code to ``s_j`` (not in the paper; off by default).
+    but not in forward mode (``jax.jvp``); :meth:`predictions` (the plain batched product) supports both. ``use_bias``
+    adds the per-parent bias of the authors' released code to ``s_j`` (not in the paper; off by default).
     """
 
     def __init__(

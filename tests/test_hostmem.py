@@ -1,29 +1,31 @@
-"""capsjax.hostmem: importing capsjax leaves JAX's backend alone, and the allocator settings take effect."""
+"""capsjax.hostmem: importing capsjax leaves JAX's backend alone; the restart with huge pages and what it changes."""
 
-import platform
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from capsjax import hostmem
 
-def run_python(code: str, **env) -> str:
-    import os
+APPLIES = hostmem.huge_pages_env({}) is not None  # Linux, glibc >= 2.35, THP on, no accelerator plugin
 
+
+def run_python(code: str, env=None, args=()) -> str:
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
+        [sys.executable, "-c", textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, **env},
+        env=env if env is not None else dict(os.environ),
         timeout=300,
     )
     return result.stdout.strip().splitlines()[-1]
 
 
 def test_import_does_not_start_the_jax_backend():
-    # Settings such as jax.distributed.initialize() or the allocator's must come before the backend starts.
+    # Settings such as jax.distributed.initialize() must come before the backend starts.
     code = """
         import capsjax, capsjax.cli, capsjax.steps, capsjax.train
         from jax._src import xla_bridge
@@ -32,10 +34,33 @@ def test_import_does_not_start_the_jax_backend():
     assert run_python(code) == "False"
 
 
-REUSE = """
+def test_huge_pages_env_extends_tunables_and_respects_opt_outs():
+    if not APPLIES:
+        assert hostmem.huge_pages_env({}) is None
+        return
+    assert hostmem.huge_pages_env({})["GLIBC_TUNABLES"] == hostmem.TUNABLE
+    env = hostmem.huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=4:" + hostmem.TUNABLE
+    assert hostmem.huge_pages_env({"GLIBC_TUNABLES": hostmem.TUNABLE}) is None  # already set: no restart loop
+    assert hostmem.huge_pages_env({"CAPSJAX_HUGE_PAGES": "0"}) is None
+    assert hostmem.huge_pages_env({"JAX_PLATFORMS": "cuda"}) is None
+
+
+@pytest.mark.skipif(not APPLIES, reason="huge pages do not apply on this machine")
+def test_reexec_restarts_once_with_the_tunable_and_the_same_arguments():
+    code = """
+        import os, sys
+        from capsjax.hostmem import reexec_with_huge_pages
+        reexec_with_huge_pages()
+        print(os.environ.get("GLIBC_TUNABLES"), sys.argv[1:])
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CAPSJAX_HUGE_PAGES")}
+    assert run_python(code, env, ("a", "--b")) == f"{hostmem.TUNABLE} ['a', '--b']"
+    assert run_python(code, {**env, "CAPSJAX_HUGE_PAGES": "0"}, ("a",)) == "None ['a']"
+
+
+FAULTS = """
     import ctypes, resource
-    from capsjax.hostmem import tune_malloc_for_xla_cpu
-    tuned = tune_malloc_for_xla_cpu() if {tune} else False
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p
     libc.free.argtypes = (ctypes.c_void_p,)
@@ -47,18 +72,14 @@ REUSE = """
     touch()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     touch()
-    print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_tuned_allocator_reuses_freed_memory_without_page_faults():
-    tuned, faults = run_python(REUSE.format(tune=True)).split()
-    assert tuned == "True" and int(faults) < 1000
-    tuned, faults = run_python(REUSE.format(tune=False)).split()
-    assert tuned == "False" and int(faults) > 256 * 2**20 // 4096 // 2  # glibc's default: mmap, unmap, fault again
-
-
-def test_tuning_is_skipped_when_an_accelerator_is_the_backend():
-    code = "from capsjax.hostmem import tune_malloc_for_xla_cpu; print(tune_malloc_for_xla_cpu())"
-    assert run_python(code, JAX_PLATFORMS="cuda") == "False"
+@pytest.mark.skipif(not APPLIES, reason="huge pages do not apply on this machine")
+def test_the_tunable_cuts_page_faults_of_a_large_block():
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    plain = int(run_python(FAULTS, env))
+    huge = int(run_python(FAULTS, {**env, "GLIBC_TUNABLES": hostmem.TUNABLE}))
+    assert plain > 256 * 2**20 // 4096 // 2  # glibc maps the block afresh each time: one fault per 4 KB page
+    assert huge < plain // 20
