@@ -104,22 +104,24 @@ class RoutingCapsules(nnx.Module):
         self.num_iterations = num_iterations
         self.stop_gradient = stop_gradient
 
+    def _check_capsules(self, u: jax.Array) -> None:
+        n_in, _, _, d_in = self.W.shape
+        if u.ndim < 2 or u.shape[-2:] != (n_in, d_in):
+            raise ValueError(f"RoutingCapsules expects capsules [B, {n_in}, {d_in}], got {u.shape}")
+
     def predictions(self, u: jax.Array) -> jax.Array:
         """``u`` [B, n_in, d_in] -> ``u_hat`` [B, n_in, n_out, d_out]."""
-        n_in, _, _, d_in = self.W.shape
-        if u.shape[-2:] != (n_in, d_in):
-            raise ValueError(f"RoutingCapsules expects capsules [B, {n_in}, {d_in}], got {u.shape}")
+        self._check_capsules(u)
         return ops.capsule_predictions(self.W[...], u)
 
     def __call__(self, u: jax.Array, return_coupling: bool = False):
         """``u`` [B, n_in, d_in] -> ``v`` [B, n_out, d_out] (and the final coupling coefficients if asked)."""
-        n_in, _, _, d_in = self.W.shape
-        if u.ndim != 3 or u.shape[-2:] != (n_in, d_in):
-            raise ValueError(f"RoutingCapsules expects capsules [B, {n_in}, {d_in}], got {u.shape}")
-        u_hat = ops.parent_major_predictions(self.W[...], u)  # [B, n_out, n_in, d_out]
+        self._check_capsules(u)
+        n_in, n_out, d_out, d_in = self.W.shape
+        u_hat = ops.parent_major_predictions(self.W[...], u.reshape(-1, n_in, d_in))  # [B, n_out, n_in, d_out]
+        # dynamic_routing takes [..., n_in, n_out, d] and works parent-major inside: the two swaps cancel in XLA.
+        u_hat = jnp.swapaxes(u_hat, 1, 2).reshape(*u.shape[:-2], n_in, n_out, d_out)
         bias = None if self.bias is None else self.bias[...]
-        # dynamic_routing takes [B, n_in, n_out, d] and works parent-major inside: the two swaps cancel in XLA.
-        u_hat = jnp.swapaxes(u_hat, 1, 2)
         return ops.dynamic_routing(u_hat, self.num_iterations, self.stop_gradient, return_coupling, bias)
 
 

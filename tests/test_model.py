@@ -174,3 +174,13 @@ def test_train_step_never_tiles_the_routing_weights():
     w_size = 1152 * 10 * 16 * 8
     assert max(sizes) >= w_size  # W itself (and its Adam moments) are there ...
     assert max(sizes) < batch * w_size  # ... but never once per example
+
+
+def test_routing_capsules_take_leading_batch_axes_and_reject_bad_shapes():
+    layer = capsjax.RoutingCapsules(6, 4, 3, 5, rngs=nnx.Rngs(0))
+    u = jnp.asarray(RNG.normal(size=(2, 3, 6, 4)), jnp.float32)
+    v = layer(u)
+    assert v.shape == (2, 3, 3, 5)
+    np.testing.assert_allclose(v, jnp.stack([layer(u[i]) for i in range(2)]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"RoutingCapsules expects capsules \[B, 6, 4\]"):
+        layer(jnp.zeros((2, 5, 4)))
