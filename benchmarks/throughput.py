@@ -61,8 +61,11 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
 
+    from capsjax.hostmem import trim_after_compiles
     from capsjax.model import ModelConfig
     from capsjax.steps import OptimConfig, init_state, make_steps
+
+    trim_after_compiles()  # as the training loop does
 
     devices = jax.devices()[: args.devices] if args.devices else jax.devices()
     mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)

@@ -1,9 +1,15 @@
 """VALID 2-D convolution with two interchangeable implementations.
 
-``"xla"`` calls ``lax.conv_general_dilated``. ``"matmul"`` gathers the patches by strided slicing and contracts them
-with the kernel in one matrix product. On XLA's CPU backend the gradient of the native convolution is far slower than
-the gradient of the matmul form (slices and a dot), while GPUs and TPUs run the native one best; ``"auto"`` picks the
-matmul form on CPU and the native convolution elsewhere.
+``"xla"`` calls ``lax.conv_general_dilated``. ``"matmul"`` writes the convolution as patches times the flattened
+kernel. On XLA's CPU backend the gradient of the native convolution is far slower than the gradient of the matmul form
+(gathers and dots), while GPUs and TPUs run the native one best; ``"auto"`` picks the matmul form on CPU and the
+native convolution elsewhere.
+
+The matmul form comes in two shapes. With few input channels (the image) it gathers all patches into one matrix and
+multiplies once. With many (the primary capsules' 256) that matrix would be the largest buffer of a training step
+(285 MiB at batch 100), so it loops over the kernel's rows instead: each iteration gathers one row of patches,
+``[B*oh*ow, kw*C]``, and adds its product with that kernel row; the gradient runs the same loop and gathers each row
+again rather than keeping it, so neither pass ever holds more than one row of patches.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from jax import lax
 
 CONV_IMPLS = ("auto", "matmul", "xla")
 _GATHER_MIN_CHANNELS = 16  # below this a pixel is too short for a gather to beat slicing
+_ROW_LOOP_MIN_CHANNELS = 16  # below this a row of patches is too narrow for an efficient product
 
 
 def check_conv_impl(impl: str) -> None:
@@ -122,6 +129,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: str = "auto")
         return lax.conv_general_dilated(
             x, kernel, window_strides=(stride, stride), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
+    conv_output_size(x.shape[1], kh, stride), conv_output_size(x.shape[2], kw, stride)  # raise early if it does not fit
+    if c_in >= _ROW_LOOP_MIN_CHANNELS:
+        return _row_loop_matmul(x, kernel, stride)
     return _patch_matmul(x, kernel, stride)
 
 
@@ -156,3 +166,82 @@ def _patch_matmul_bwd(stride, residuals, cotangent):
 
 
 _patch_matmul.defvjp(_patch_matmul_fwd, _patch_matmul_bwd)
+
+
+def _rows_by_phase(x: jax.Array, stride: int) -> jax.Array:
+    """``x`` [B, H, W, C] as [B, ceil(H/s), s, W, C] (zero rows appended): input row ``i + s*y`` is ``[:, i//s + y, i%s]``,
+    so the rows that kernel row ``i`` reads are one contiguous slice, even for an ``i`` known only inside a loop."""
+    batch, height, width, channels = x.shape
+    padded = -(-height // stride) * stride
+    if padded != height:
+        x = jnp.pad(x, ((0, 0), (0, padded - height), (0, 0), (0, 0)))
+    return x.reshape(batch, padded // stride, stride, width, channels)
+
+
+def _kernel_row_input(x_phased: jax.Array, i: jax.Array, out_height: int) -> jax.Array:
+    """The input rows ``i + s*y`` (``y < out_height``) that kernel row ``i`` reads: [B, out_height, W, C]."""
+    batch, _, stride, width, channels = x_phased.shape
+    rows = lax.dynamic_slice(x_phased, (0, i // stride, i % stride, 0, 0), (batch, out_height, 1, width, channels))
+    return rows.reshape(batch, out_height, width, channels)
+
+
+def _width_patches(rows: jax.Array, kernel_width: int, stride: int) -> jax.Array:
+    """The ``1 x kw`` patches of ``rows`` [B, oh, W, C] as a matrix ``[B*oh*ow, kw*C]`` (row-major over b, y, x)."""
+    batch, out_height, width, channels = rows.shape
+    patches = extract_patches(rows.reshape(batch * out_height, 1, width, channels), (1, kernel_width), stride)
+    return patches.reshape(-1, kernel_width * channels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _row_loop_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """The convolution as a loop over kernel rows, each one row of patches times one kernel row (module docstring)."""
+    return _row_loop_matmul_fwd(x, kernel, stride)[0]
+
+
+def _row_loop_matmul_fwd(x, kernel, stride):
+    kh, kw, c_in, c_out = kernel.shape
+    batch, height, width, _ = x.shape
+    oh, ow = conv_output_size(height, kh, stride), conv_output_size(width, kw, stride)
+    x_phased = _rows_by_phase(x, stride)
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+
+    def add_row(i, acc):
+        patches = _width_patches(_kernel_row_input(x_phased, i, oh), kw, stride)
+        kernel_row = lax.dynamic_index_in_dim(kernel, i, keepdims=False).reshape(kw * c_in, c_out)
+        return acc + jnp.dot(patches, kernel_row, preferred_element_type=acc_dtype)
+
+    out = lax.fori_loop(0, kh, add_row, jnp.zeros((batch * oh * ow, c_out), acc_dtype))
+    return out.astype(x.dtype).reshape(batch, oh, ow, c_out), (x, kernel)
+
+
+def _row_loop_matmul_bwd(stride, residuals, cotangent):
+    x, kernel = residuals
+    kh, kw, c_in, c_out = kernel.shape
+    batch, height, width, _ = x.shape
+    oh = conv_output_size(height, kh, stride)
+    x_phased = _rows_by_phase(x, stride)
+    cotangent = cotangent.reshape(-1, c_out)
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+
+    def row_grads(i, carry):
+        x_grad, kernel_grad_t = carry
+        # This row's patches again (a gather, cheap next to the products) instead of a residual of the forward loop.
+        rows = _kernel_row_input(x_phased, i, oh)
+        patches, patches_vjp = jax.vjp(lambda r: _width_patches(r, kw, stride), rows)
+        # Transposed, [C_out, kw*C_in], the kernel gradient is a plain row-major product for XLA's CPU backend.
+        kernel_grad_t = lax.dynamic_update_index_in_dim(kernel_grad_t, jnp.dot(cotangent.T, patches), i, 0)
+        kernel_row = lax.dynamic_index_in_dim(kernel, i, keepdims=False).reshape(kw * c_in, c_out)
+        (rows_grad,) = patches_vjp(jnp.dot(cotangent, kernel_row.T))
+        start = (0, i // stride, i % stride, 0, 0)
+        current = lax.dynamic_slice(x_grad, start, (batch, oh, 1, width, c_in))
+        x_grad = lax.dynamic_update_slice(x_grad, current + rows_grad.astype(acc_dtype).reshape(current.shape), start)
+        return x_grad, kernel_grad_t
+
+    init = (jnp.zeros(x_phased.shape, acc_dtype), jnp.zeros((kh, c_out, kw * c_in), kernel.dtype))
+    x_grad, kernel_grad_t = lax.fori_loop(0, kh, row_grads, init)
+    x_grad = x_grad.reshape(batch, -1, width, c_in)[:, :height].astype(x.dtype)
+    kernel_grad = kernel_grad_t.reshape(kh, c_out, kw, c_in).transpose(0, 2, 3, 1)
+    return x_grad, kernel_grad
+
+
+_row_loop_matmul.defvjp(_row_loop_matmul_fwd, _row_loop_matmul_bwd)

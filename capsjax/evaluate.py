@@ -176,7 +176,9 @@ def evaluate_workdir(
       ``step``, ``dataset`` and, with ``figures``, the written ``figures`` paths.
     """
     from capsjax import data as datalib
+    from capsjax.hostmem import trim_after_compiles
 
+    trim_after_compiles()
     run = load_run(workdir, which)
     out_dir = Path(out_dir or workdir)
     out_dir.mkdir(parents=True, exist_ok=True)

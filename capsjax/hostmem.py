@@ -1,4 +1,5 @@
-"""Transparent huge pages for XLA's CPU scratch memory.
+"""Host memory for XLA on CPU: transparent huge pages for the per-step scratch memory, and giving the compiler's
+freed memory back.
 
 XLA's CPU runtime allocates each step's scratch memory (about 0.5 GB for the default CapsNet at batch 100) with
 ``malloc``; glibc maps a block that large afresh and unmaps it again at every step, so the kernel faults in and zeroes
@@ -13,10 +14,19 @@ with ``GLIBC_TUNABLES`` extended. ``capsjax-train`` / ``train.py``, ``capsjax-ev
 ``benchmarks/throughput.py`` do that first thing; calling :func:`capsjax.cli.train_main` from Python does not. It
 applies only on Linux with glibc 2.35 or newer, transparent huge pages set to ``always`` or ``madvise``, and no GPU or
 TPU plugin installed (where the step runs on the accelerator); ``CAPSJAX_HUGE_PAGES=0`` turns it off.
+
+Compiling the train step takes about 300 MB of heap that XLA frees when done, but glibc keeps freed heap memory for
+reuse, and the step's scratch block is too large to be carved from it, so a process would hold both.
+:func:`trim_after_compiles` hands that memory back to the system after every XLA compilation (``malloc_trim``): the
+peak memory of the default train step at batch 100 drops from about 940 to about 710 MiB. The training loop and the
+CLIs call it; it is a no-op where the C library is not glibc.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import importlib.util
 import os
 import platform
@@ -81,3 +91,47 @@ def reexec_with_huge_pages() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_freed_memory() -> bool:
+    """Gives the free pages of the C heap back to the system (``malloc_trim(0)``); True where that ran (glibc)."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_listening = False
+
+
+def _release_after_compile(event: str, duration_secs: float, **kwargs) -> None:
+    del duration_secs, kwargs
+    if event == _COMPILE_EVENT:
+        release_freed_memory()
+
+
+def trim_after_compiles() -> None:
+    """From now on, calls :func:`release_freed_memory` after every XLA compilation in this process (once registered,
+    further calls do nothing)."""
+    global _listening
+    if _listening or _malloc_trim() is None:
+        return
+    import jax.monitoring
+
+    jax.monitoring.register_event_duration_secs_listener(_release_after_compile)
+    _listening = True

@@ -22,6 +22,7 @@ from capsjax import data as datalib
 from capsjax.checkpoint import CheckpointError, Checkpoints, has_checkpoint
 from capsjax.config import ConfigError, TrainConfig, load_config, save_config
 from capsjax.evaluate import evaluate_arrays
+from capsjax.hostmem import trim_after_compiles
 from capsjax.steps import Steps, default_mesh, init_state, make_steps
 
 
@@ -149,6 +150,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, An
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    trim_after_compiles()  # the compiler's freed heap back to the system before the steps' scratch memory is taken
     datasets = load_datasets(config)
     config = adapt_model_to_data(config, datasets)
     _check_resumable(config, workdir)

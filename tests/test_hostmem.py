@@ -1,4 +1,4 @@
-"""capsjax.hostmem: importing capsjax leaves JAX's backend alone; the restart with huge pages and what it changes."""
+"""capsjax.hostmem: importing capsjax leaves JAX's backend alone; the restart with huge pages and what it changes;\ngiving freed heap memory back after compiles."""
 
 import os
 import subprocess
@@ -83,3 +83,47 @@ def test_the_tunable_cuts_page_faults_of_a_large_block():
     huge = int(run_python(FAULTS, {**env, "GLIBC_TUNABLES": hostmem.TUNABLE}))
     assert plain > 256 * 2**20 // 4096 // 2  # glibc maps the block afresh each time: one fault per 4 KB page
     assert huge < plain // 20
+
+
+GLIBC = hostmem._malloc_trim() is not None
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
+def test_release_freed_memory_returns_free_heap_pages():
+    # 200 MB of heap blocks (below glibc's mmap threshold) freed under a block that stays: glibc keeps those pages
+    # until malloc_trim hands them back.
+    code = """
+        import sys
+        from capsjax import hostmem
+
+        def rss_mb():
+            return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+
+        blocks = [b"x" * 100_000 for _ in range(2000)]
+        keep = b"y" * 100_000
+        del blocks
+        before = rss_mb()
+        assert hostmem.release_freed_memory()
+        print(before - rss_mb())
+    """
+    assert float(run_python(code)) > 150
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
+def test_trim_after_compiles_releases_after_each_compilation():
+    code = """
+        import jax, jax.numpy as jnp
+        from capsjax import hostmem
+
+        calls = []
+        hostmem.release_freed_memory = lambda: calls.append(1) or True
+        hostmem.trim_after_compiles()
+        hostmem.trim_after_compiles()  # registers once
+        jax.jit(lambda x: x + 1)(jnp.ones(3))
+        after_first = len(calls)
+        jax.jit(lambda x: x + 1)(jnp.ones(3))  # a new function: one more compilation
+        jax.jit(lambda x: x * 2).lower(jnp.ones(4)).compile()
+        print(after_first, len(calls))
+    """
+    first, total = map(int, run_python(code).split())
+    assert first >= 1 and total >= first + 2

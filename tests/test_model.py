@@ -36,19 +36,33 @@ def test_conv_impls_match_numpy(stride, channels):
         np.testing.assert_allclose(conv2d(x, k, stride, impl), ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("channels", [8, 32])  # sliced and gathered patches
-def test_conv_impls_have_same_gradients(channels):
-    x = jnp.asarray(RNG.normal(size=(3, 20, 20, channels)), jnp.float32)
-    k = jnp.asarray(RNG.normal(size=(9, 9, channels, 16)) * 0.1, jnp.float32)
-    t = jnp.asarray(RNG.normal(size=(3, 6, 6, 16)), jnp.float32)
+@pytest.mark.parametrize(
+    "channels, stride, height",
+    [(8, 2, 20), (32, 2, 20), (32, 1, 13), (32, 3, 19)],  # one patch matrix; the kernel-row loop (odd heights too)
+)
+def test_conv_impls_have_same_gradients(channels, stride, height):
+    x = jnp.asarray(RNG.normal(size=(3, height, 17, channels)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(9, 5, channels, 16)) * 0.1, jnp.float32)
+    oh, ow = (height - 9) // stride + 1, (17 - 5) // stride + 1
+    t = jnp.asarray(RNG.normal(size=(3, oh, ow, 16)), jnp.float32)
 
     def loss(x, k, impl):
-        return jnp.sum(jnp.tanh(conv2d(x, k, 2, impl)) * t)
+        return jnp.sum(jnp.tanh(conv2d(x, k, stride, impl)) * t)
 
     gx_m, gk_m = jax.grad(loss, argnums=(0, 1))(x, k, "matmul")
     gx_x, gk_x = jax.grad(loss, argnums=(0, 1))(x, k, "xla")
     np.testing.assert_allclose(gx_m, gx_x, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(gk_m, gk_x, rtol=1e-4, atol=1e-4)
+
+
+def test_many_channel_conv_gradient_never_holds_the_whole_patch_matrix():
+    # With 64 input channels the matmul form loops over kernel rows; forward and backward together must need less
+    # scratch memory than the [B*oh*ow, kh*kw*C] patch matrix alone (the one-matrix form needs about twice that).
+    x, k = jnp.zeros((8, 20, 20, 64)), jnp.zeros((9, 9, 64, 32))
+    grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv2d(x, k, 2, "matmul") ** 2), argnums=(0, 1)))
+    scratch = grad.lower(x, k).compile().memory_analysis().temp_size_in_bytes
+    patch_matrix = 8 * 6 * 6 * 9 * 9 * 64 * 4
+    assert scratch < patch_matrix / 2
 
 
 def test_conv_auto_resolves_per_backend_and_rejects_unknown():
