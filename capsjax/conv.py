@@ -129,7 +129,6 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: str = "auto")
         return lax.conv_general_dilated(
             x, kernel, window_strides=(stride, stride), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
-    conv_output_size(x.shape[1], kh, stride), conv_output_size(x.shape[2], kw, stride)  # raise early if it does not fit
     if c_in >= _ROW_LOOP_MIN_CHANNELS:
         return _row_loop_matmul(x, kernel, stride)
     return _patch_matmul(x, kernel, stride)
@@ -169,8 +168,9 @@ _patch_matmul.defvjp(_patch_matmul_fwd, _patch_matmul_bwd)
 
 
 def _rows_by_phase(x: jax.Array, stride: int) -> jax.Array:
-    """``x`` [B, H, W, C] as [B, ceil(H/s), s, W, C] (zero rows appended): input row ``i + s*y`` is ``[:, i//s + y, i%s]``,
-    so the rows that kernel row ``i`` reads are one contiguous slice, even for an ``i`` known only inside a loop."""
+    """``x`` [B, H, W, C] as [B, ceil(H/s), s, W, C], zero rows appended: input row ``i + s*y`` is at
+    ``[:, i//s + y, i%s]``, so the rows that kernel row ``i`` reads are one slice, even for an ``i`` known only inside a
+    loop."""
     batch, height, width, channels = x.shape
     padded = -(-height // stride) * stride
     if padded != height:
@@ -205,12 +205,12 @@ def _row_loop_matmul_fwd(x, kernel, stride):
     x_phased = _rows_by_phase(x, stride)
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
 
-    def add_row(i, acc):
+    def add_row(acc, i_and_kernel_row):
+        i, kernel_row = i_and_kernel_row
         patches = _width_patches(_kernel_row_input(x_phased, i, oh), kw, stride)
-        kernel_row = lax.dynamic_index_in_dim(kernel, i, keepdims=False).reshape(kw * c_in, c_out)
-        return acc + jnp.dot(patches, kernel_row, preferred_element_type=acc_dtype)
+        return acc + jnp.dot(patches, kernel_row.reshape(kw * c_in, c_out), preferred_element_type=acc_dtype), None
 
-    out = lax.fori_loop(0, kh, add_row, jnp.zeros((batch * oh * ow, c_out), acc_dtype))
+    out, _ = lax.scan(add_row, jnp.zeros((batch * oh * ow, c_out), acc_dtype), (jnp.arange(kh), kernel))
     return out.astype(x.dtype).reshape(batch, oh, ow, c_out), (x, kernel)
 
 
@@ -223,22 +223,20 @@ def _row_loop_matmul_bwd(stride, residuals, cotangent):
     cotangent = cotangent.reshape(-1, c_out)
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
 
-    def row_grads(i, carry):
-        x_grad, kernel_grad_t = carry
+    def row_grads(x_grad, i_and_kernel_row):
+        i, kernel_row = i_and_kernel_row
         # This row's patches again (a gather, cheap next to the products) instead of a residual of the forward loop.
         rows = _kernel_row_input(x_phased, i, oh)
         patches, patches_vjp = jax.vjp(lambda r: _width_patches(r, kw, stride), rows)
         # Transposed, [C_out, kw*C_in], the kernel gradient is a plain row-major product for XLA's CPU backend.
-        kernel_grad_t = lax.dynamic_update_index_in_dim(kernel_grad_t, jnp.dot(cotangent.T, patches), i, 0)
-        kernel_row = lax.dynamic_index_in_dim(kernel, i, keepdims=False).reshape(kw * c_in, c_out)
-        (rows_grad,) = patches_vjp(jnp.dot(cotangent, kernel_row.T))
+        kernel_grad_t = jnp.dot(cotangent.T, patches)
+        (rows_grad,) = patches_vjp(jnp.dot(cotangent, kernel_row.reshape(kw * c_in, c_out).T))
         start = (0, i // stride, i % stride, 0, 0)
         current = lax.dynamic_slice(x_grad, start, (batch, oh, 1, width, c_in))
         x_grad = lax.dynamic_update_slice(x_grad, current + rows_grad.astype(acc_dtype).reshape(current.shape), start)
         return x_grad, kernel_grad_t
 
-    init = (jnp.zeros(x_phased.shape, acc_dtype), jnp.zeros((kh, c_out, kw * c_in), kernel.dtype))
-    x_grad, kernel_grad_t = lax.fori_loop(0, kh, row_grads, init)
+    x_grad, kernel_grad_t = lax.scan(row_grads, jnp.zeros(x_phased.shape, acc_dtype), (jnp.arange(kh), kernel))
     x_grad = x_grad.reshape(batch, -1, width, c_in)[:, :height].astype(x.dtype)
     kernel_grad = kernel_grad_t.reshape(kh, c_out, kw, c_in).transpose(0, 2, 3, 1)
     return x_grad, kernel_grad

@@ -1,4 +1,5 @@
-"""capsjax.hostmem: importing capsjax leaves JAX's backend alone; the restart with huge pages and what it changes;\ngiving freed heap memory back after compiles."""
+"""capsjax.hostmem: importing capsjax leaves JAX's backend alone; the restart with huge pages and what it changes;
+giving freed heap memory back after compiles."""
 
 import os
 import subprocess
