@@ -1,11 +1,17 @@
 """Peak host memory of a CapsNet training step against the batch size.
 
-Runs ``throughput.py --mode train`` in a fresh process per batch size (peak RSS is per process) and prints one JSON
-line with the peak RSS per batch size, the fitted growth per image and the fixed part. Per image the step holds the
-primary capsules' patch matrix (36 x 20736 floats = 3.0 MB; in the backward pass its gradient reuses that buffer) and
-the routing tensors (1152 x 10 x 16 floats = 0.74 MB each). For scale, ``tiled_W_would_add_mb_per_image`` is what
-one per-example copy of W would cost; that W is never tiled is checked on the compiled step's buffers by
-``tests/test_model.py::test_train_step_never_tiles_the_routing_weights``.
+For each batch size, runs ``throughput.py --mode train`` in a fresh process (peak RSS is per process) and compiles the
+train step here to read XLA's scratch ("temp") memory for it, then prints one JSON line: the peak RSS and the scratch
+per batch size, and the scratch's growth per image from a linear fit.
+
+The peak RSS is the larger of two moments: compiling the step (about 650 MiB, nearly independent of the batch) and
+running it (the process's ~450 MiB after compilation, its freed compiler memory handed back by
+``capsjax.hostmem.trim_after_compiles``, plus the step's scratch). The scratch grows linearly with the batch: per image
+it holds the routing tensors (1152 x 10 x 16 floats = 0.74 MB each), the first convolution's output and its gradient
+(20 x 20 x 256 floats = 0.41 MB each) and one kernel row of the primary capsules' patches (36 x 9 x 256 floats =
+0.33 MB; the convolution loops over kernel rows and never holds all nine). For scale,
+``tiled_W_would_add_mb_per_image`` is what one per-example copy of W would cost; that W is never tiled is checked on
+the compiled step's buffers by ``tests/test_model.py::test_train_step_never_tiles_the_routing_weights``.
 
     python benchmarks/memory.py --batch-sizes 32,64,128,256,512
 """
@@ -13,6 +19,7 @@ one per-example copy of W would cost; that W is never tiled is checked on the co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -21,29 +28,50 @@ from pathlib import Path
 import numpy as np
 
 
+def scratch_mib(batch_sizes: list[int], dtype: str) -> list[float]:
+    """XLA's scratch memory of the default train step per batch size (compiled for abstract inputs, never run)."""
+    import jax
+
+    from capsjax.model import ModelConfig
+    from capsjax.steps import OptimConfig, init_state, make_steps
+
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    graphdef, state = init_state(dataclasses.replace(ModelConfig(), conv_dtype=dtype), OptimConfig(), 0, mesh)
+    steps = make_steps(graphdef, OptimConfig(), max_shift=2, mesh=mesh)
+    sizes = []
+    for batch in batch_sizes:
+        images = jax.ShapeDtypeStruct((batch, 28, 28, 1), np.uint8, sharding=steps.data_sharding)
+        labels = jax.ShapeDtypeStruct((batch,), np.int32, sharding=steps.data_sharding)
+        compiled = steps.train.lower(state, images, labels).compile()
+        sizes.append(round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1))
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="32,64,128,256,512")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     script = Path(__file__).with_name("throughput.py")
-    sizes, peaks = [], []
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    peaks = []
+    for batch in sizes:
         cmd = [sys.executable, str(script), "--mode", "train", "--batch-size", str(batch), "--steps", "1",
                "--repeats", "1", "--warmup", "0", "--dtype", args.dtype]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        sizes.append(batch)
         peaks.append(json.loads(out)["peak_rss_mb"])
-    slope, intercept = np.polyfit(sizes, peaks, 1)
+    scratch = scratch_mib(sizes, args.dtype)
+    slope, intercept = np.polyfit(sizes, scratch, 1)
     fit = np.polyval([slope, intercept], sizes)
-    tiled_mb_per_image = 4 * 1152 * 10 * 16 * 8 / 2**20
+    tiled_mib_per_image = 4 * 1152 * 10 * 16 * 8 / 2**20
     print(json.dumps({
         "batch_sizes": sizes,
-        "peak_rss_mb": peaks,
-        "mb_per_image": round(float(slope), 3),
-        "fixed_mb": round(float(intercept), 1),
-        "max_relative_deviation_from_linear": round(float(np.max(np.abs(fit - peaks) / peaks)), 3),
-        "tiled_W_would_add_mb_per_image": round(tiled_mb_per_image, 2),
+        "peak_rss_mib": peaks,
+        "scratch_mib": scratch,
+        "scratch_mib_per_image": round(float(slope), 3),
+        "scratch_fixed_mib": round(float(intercept), 1),
+        "scratch_max_relative_deviation_from_linear": round(float(np.max(np.abs(fit - scratch) / scratch)), 3),
+        "tiled_W_would_add_mib_per_image": round(tiled_mib_per_image, 2),
     }))  # fmt: skip
 
 

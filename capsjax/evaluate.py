@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ from flax import nnx
 from capsjax.checkpoint import Checkpoints
 from capsjax.config import ConfigError, TrainConfig, load_config
 from capsjax.model import CapsNetOutput
-from capsjax.steps import Steps, default_mesh, init_state, make_steps
+from capsjax.steps import MAX_IN_FLIGHT, Steps, default_mesh, init_state, make_steps
 
 
 def global_batch(sharding, local: np.ndarray) -> jax.Array:
@@ -50,10 +51,13 @@ def evaluate_arrays(
     """Mean loss terms, accuracy, error rate, per-class accuracy and the confusion matrix (rows: true class) over all
     ``images`` [N, H, W, C] (uint8 or float in [0, 1]) and ``labels`` [N], decoding the predicted class."""
     sharding = steps.data_sharding
-    totals = None
+    totals, in_flight = None, collections.deque()
     for mask, x, y in _padded_batches((images, labels.astype(np.int32)), batch_size):
         sums = steps.evaluate(params, global_batch(sharding, x), global_batch(sharding, y), global_batch(sharding, mask))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        in_flight.append(totals)
+        if len(in_flight) > MAX_IN_FLIGHT:
+            jax.block_until_ready(in_flight.popleft())
     totals = jax.device_get(totals)
     count = float(totals["count"])
     confusion = np.asarray(totals["confusion"], np.int64)
@@ -108,7 +112,7 @@ def load_run(workdir: str | Path, which: str = "best") -> Run:
     return Run(config, steps, state.params, int(jax.device_get(state.step)), which)
 
 
-def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 500) -> CapsNetOutput:
+def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 100) -> CapsNetOutput:
     """Class capsules, lengths (class probabilities) and reconstructions (of the predicted class) for ``images``
     [N, H, W, C] or [N, H, W] (uint8 in [0, 255] or float in [0, 1]), from a :class:`Run` or a work directory
     (its best checkpoint).

@@ -18,6 +18,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from capsjax import ops
 from capsjax.model import CapsNet, ModelConfig
 
+# How many steps the host may dispatch ahead of the devices. Two keep an accelerator's queue full; an unbounded queue
+# is what deadlocks XLA:CPU's in-process collectives (several CPU devices in one process, e.g. with
+# --xla_force_host_platform_device_count: a few dozen queued data-parallel steps hang at an all-reduce, jaxlib 0.10.2).
+MAX_IN_FLIGHT = 2
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from capsjax import data as datalib
 from capsjax.config import ConfigError, TrainConfig, get_config, load_config, replace_path
 from capsjax.model import ModelConfig
-from capsjax.steps import LossConfig, OptimConfig, init_state, make_steps
+from capsjax.steps import MAX_IN_FLIGHT, LossConfig, OptimConfig, init_state, make_steps
 from capsjax.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,44 @@ def test_train_step_decreases_loss_on_a_fixed_batch():
     assert losses[-1] < 0.7 * losses[0], losses
     assert int(state.step) == 8
     np.testing.assert_allclose(metrics["learning_rate"], 3e-3 * 0.96 ** (7 / 2000), rtol=1e-6)
+
+
+class _QueueProbe:
+    """Wraps a step function and records the most results it had dispatched and not yet finished at any call."""
+
+    def __init__(self, fn, leaf):
+        self.fn, self.leaf, self.results, self.most_pending = fn, leaf, [], 0
+
+    def __call__(self, *args):
+        out = self.fn(*args)
+        self.results.append(self.leaf(out))
+        self.most_pending = max(self.most_pending, sum(not r.is_ready() for r in self.results))
+        return out
+
+
+def test_loops_keep_few_steps_in_flight(tmp_path, monkeypatch):
+    # An unbounded queue of data-parallel steps deadlocks XLA:CPU's in-process all-reduce (several CPU devices in one
+    # process, as in these tests); the training and evaluation loops keep at most MAX_IN_FLIGHT steps queued.
+    import capsjax.train
+
+    probes = {}
+
+    def probed_steps(*args, **kwargs):
+        steps = make_steps(*args, **kwargs)
+        probes["train"] = _QueueProbe(steps.train, lambda out: out[1]["loss"])
+        probes["evaluate"] = _QueueProbe(steps.evaluate, lambda out: out["count"])
+        return dataclasses.replace(steps, train=probes["train"], evaluate=probes["evaluate"])
+
+    monkeypatch.setattr(capsjax.train, "make_steps", probed_steps)
+    config = dataclasses.replace(
+        get_config("smoke"), train_examples=1024, validation_examples=1024, batch_size=16, eval_batch_size=16,
+        epochs=1, log_every_steps=1000, checkpoint_every_steps=1000, progress=False,
+    )  # fmt: skip
+    train_and_evaluate(config, tmp_path / "run")
+    assert len(probes["train"].results) == 64 and len(probes["evaluate"].results) >= 64
+    assert MAX_IN_FLIGHT <= 4  # a short queue
+    assert 1 <= probes["train"].most_pending <= MAX_IN_FLIGHT + 1
+    assert 1 <= probes["evaluate"].most_pending <= MAX_IN_FLIGHT + 1
 
 
 def test_sharded_step_equals_single_device_step():
