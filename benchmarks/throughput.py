@@ -32,6 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--routing-stop-gradient", action="store_true", help="the non-default fast routing gradient")
     parser.add_argument("--mode", default="both", choices=("both", "train", "infer"))
     parser.add_argument("--no-huge-pages", action="store_true", help="skip the restart with huge pages (capsjax.hostmem)")
+    parser.add_argument("--no-heap-trim", action="store_true", help="keep the compiler's freed heap (capsjax.hostmem)")
     return parser.parse_args(argv)
 
 
@@ -65,7 +66,8 @@ def main(argv=None) -> dict:
     from capsjax.model import ModelConfig
     from capsjax.steps import OptimConfig, init_state, make_steps
 
-    trim_after_compiles()  # as the training loop does
+    if not args.no_heap_trim:
+        trim_after_compiles()  # as the training loop does
 
     devices = jax.devices()[: args.devices] if args.devices else jax.devices()
     mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
@@ -86,6 +88,7 @@ def main(argv=None) -> dict:
         "conv_impl": args.conv_impl,
         "routing_stop_gradient": args.routing_stop_gradient,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "heap_trim": not args.no_heap_trim,
         "jax": jax.__version__,
         "cpu_count": os.cpu_count(),
     }

@@ -18,7 +18,8 @@ TPU plugin installed (where the step runs on the accelerator); ``CAPSJAX_HUGE_PA
 Compiling the train step takes about 300 MB of heap that XLA frees when done, but glibc keeps freed heap memory for
 reuse, and the step's scratch block is too large to be carved from it, so a process would hold both.
 :func:`trim_after_compiles` hands that memory back to the system after every XLA compilation (``malloc_trim``): the
-peak memory of the default train step at batch 100 drops from about 940 to about 710 MiB. The training loop and the
+peak memory of the default train step at batch 100 drops from 930–1010 to about 725 MiB
+(``benchmarks/throughput.py --mode train`` with and without ``--no-heap-trim``). The training loop and the
 CLIs call it; it is a no-op where the C library is not glibc.
 """
 

@@ -1,0 +1,37 @@
+"""The benchmark scripts run and print their JSON line (tiny settings; the figures themselves live in the README)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user's machine has
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_throughput_prints_the_fields_the_readme_reports():
+    out = run_script("throughput.py", "--batch-size", "4", "--steps", "1", "--repeats", "2", "--warmup", "0")
+    for key in ("train_img_per_s", "infer_img_per_s", "compile_s", "peak_rss_mb"):
+        assert out[key] > 0, (key, out)
+    assert out["batch_size"] == 4 and out["backend"] == "cpu" and out["devices"] == 1 and out["heap_trim"] is True
+    assert len(out["train_img_per_s_windows"]) == 2
+
+
+def test_memory_reports_scratch_growing_with_the_batch():
+    out = run_script("memory.py", "--batch-sizes", "2,4,8")
+    assert out["batch_sizes"] == [2, 4, 8]
+    scratch = out["scratch_mib"]
+    assert scratch[0] < scratch[1] < scratch[2]
+    # Per image at least the routing predictions (1152 x 10 x 16 floats, 0.70 MiB), and less than those plus one
+    # copy of W (which a tiled W would add on top of everything else).
+    assert 0.7 < out["scratch_mib_per_image"] < 0.7 + out["tiled_W_would_add_mib_per_image"], out
