@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 from pathlib import Path
@@ -16,7 +15,7 @@ from flax import nnx
 from capsjax.checkpoint import Checkpoints
 from capsjax.config import ConfigError, TrainConfig, load_config
 from capsjax.model import CapsNetOutput
-from capsjax.steps import MAX_IN_FLIGHT, Steps, default_mesh, init_state, make_steps
+from capsjax.steps import MAX_IN_FLIGHT, Steps, default_mesh, init_state, make_steps, wait_for_queue
 
 
 def global_batch(sharding, local: np.ndarray) -> jax.Array:
@@ -51,13 +50,12 @@ def evaluate_arrays(
     """Mean loss terms, accuracy, error rate, per-class accuracy and the confusion matrix (rows: true class) over all
     ``images`` [N, H, W, C] (uint8 or float in [0, 1]) and ``labels`` [N], decoding the predicted class."""
     sharding = steps.data_sharding
-    totals, in_flight = None, collections.deque()
+    totals, dispatched = None, []
     for mask, x, y in _padded_batches((images, labels.astype(np.int32)), batch_size):
         sums = steps.evaluate(params, global_batch(sharding, x), global_batch(sharding, y), global_batch(sharding, mask))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        in_flight.append(totals)
-        if len(in_flight) > MAX_IN_FLIGHT:
-            jax.block_until_ready(in_flight.popleft())
+        dispatched = [*dispatched[-MAX_IN_FLIGHT:], totals]
+        wait_for_queue(dispatched)
     totals = jax.device_get(totals)
     count = float(totals["count"])
     confusion = np.asarray(totals["confusion"], np.int64)

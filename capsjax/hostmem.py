@@ -46,15 +46,16 @@ def _accelerator_installed(environ) -> bool:
     return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_MODULES)
 
 
-def _glibc_supports_hugetlb() -> bool:
+def _glibc_version() -> tuple[int, int] | None:
+    """(major, minor) of the C library on Linux where it is glibc, else None."""
     libc, version = platform.libc_ver()
-    if libc != "glibc":
-        return False
+    if platform.system() != "Linux" or libc != "glibc":
+        return None
     try:
         major, minor = (int(part) for part in version.split(".")[:2])
     except ValueError:
-        return False
-    return (major, minor) >= (2, 35)
+        return None
+    return major, minor
 
 
 def _thp_available() -> bool:
@@ -73,8 +74,7 @@ def huge_pages_env(environ=None) -> dict[str, str] | None:
     if (
         environ.get("CAPSJAX_HUGE_PAGES", "1") == "0"
         or "glibc.malloc.hugetlb" in tunables
-        or platform.system() != "Linux"
-        or not _glibc_supports_hugetlb()
+        or (_glibc_version() or (0, 0)) < (2, 35)
         or not _thp_available()
         or _accelerator_installed(environ)
     ):
@@ -97,7 +97,7 @@ def reexec_with_huge_pages() -> None:
 @functools.cache
 def _malloc_trim():
     """glibc's ``malloc_trim``, or None where the C library is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if _glibc_version() is None:
         return None
     try:
         trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim

@@ -24,6 +24,12 @@ from capsjax.model import CapsNet, ModelConfig
 MAX_IN_FLIGHT = 2
 
 
+def wait_for_queue(dispatched: list) -> None:
+    """Blocks until at most :data:`MAX_IN_FLIGHT` of ``dispatched`` (step results, oldest first) are still running."""
+    if len(dispatched) > MAX_IN_FLIGHT:
+        jax.block_until_ready(dispatched[-MAX_IN_FLIGHT - 1])
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """The terms of the training objective (the paper's by default)."""

@@ -23,7 +23,7 @@ from capsjax.checkpoint import CheckpointError, Checkpoints, has_checkpoint
 from capsjax.config import ConfigError, TrainConfig, load_config, save_config
 from capsjax.evaluate import evaluate_arrays
 from capsjax.hostmem import trim_after_compiles
-from capsjax.steps import MAX_IN_FLIGHT, Steps, default_mesh, init_state, make_steps
+from capsjax.steps import Steps, default_mesh, init_state, make_steps, wait_for_queue
 
 
 class TrainingDiverged(RuntimeError):
@@ -230,8 +230,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, An
                 step += 1
                 window_steps += 1
                 pending.append(metrics)
-                if len(pending) > MAX_IN_FLIGHT:
-                    jax.block_until_ready(pending[-MAX_IN_FLIGHT - 1])
+                wait_for_queue(pending)
                 if step % config.log_every_steps == 0:
                     mean = flush()
                     progress.update(0, loss=f"{mean['loss']:.4f}", img_s=f"{mean['images_per_s']:.0f}")
