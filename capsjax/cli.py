@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import sys
+import traceback
 
 from capsjax import __version__
+
+from capsjax.distributed import ENV_ADDRESS, ENV_ID, ENV_PROCESSES
+
+VERBOSE_ENV = "CAPSJAX_VERBOSE"
 
 # flag -> dotted config field
 _TRAIN_FLAGS = {
@@ -35,14 +43,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _fail(prog: str, message: str, code: int = 1):
-    print(f"{prog}: error: {message}", file=sys.stderr)
+def _fail(prog: str, message, code: int = 1, verbose: bool = False):
+    if verbose and isinstance(message, BaseException):
+        traceback.print_exception(message)
+    text = str(message).strip().splitlines()[0] if str(message).strip() else type(message).__name__
+    print(f"{prog}: error: {text}", file=sys.stderr)
     return code
 
 
 def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
     """The ``capsjax-train`` / ``train.py`` argument parser: ``--preset``, ``--workdir``, one flag per common config
-    field, ``--set FIELD=VALUE``, ``--quiet``, ``--distributed``, ``--print-config``, ``--version``."""
+    field, ``--set FIELD=VALUE``, ``--quiet``, the multi-process flags, ``--print-config``, ``--verbose``,
+    ``--version``."""
     parser = _Parser(prog=prog, description="Train a CapsNet (Sabour et al. 2017). Rerun on the same --workdir to resume.")
     parser.add_argument("--preset", default="default", help="default (the paper), tutorial, smoke, fashion_mnist, accelerator")
     parser.add_argument("--workdir", default=None, help="run directory (default: runs/<preset>)")
@@ -50,9 +62,16 @@ def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None, help=help_)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any config field, e.g. --set model.class_dim=16 (repeatable)")  # fmt: skip
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (plain log lines instead)")
+    group = parser.add_argument_group("multi-process runs (one process per host; see the README)")
+    group.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                       help=f"process 0's host and a free port (or ${ENV_ADDRESS})")  # fmt: skip
+    group.add_argument("--num-processes", type=int, default=None, help=f"number of processes (or ${ENV_PROCESSES})")
+    group.add_argument("--process-id", type=int, default=None, help=f"this process's index (or ${ENV_ID})")
+    group.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run with settings detected from Slurm, Cloud TPU or Kubernetes")  # fmt: skip
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true", help=f"full tracebacks and library logs (or ${VERBOSE_ENV}=1)")
     parser.add_argument("--version", action="version", version=f"capsjax {__version__}")
     return parser
 
@@ -76,31 +95,80 @@ def resolve_train_config(args: argparse.Namespace):
     return config
 
 
+class _StopOnSignal:
+    """SIGTERM and SIGINT ask the training loop to save and stop (a second SIGINT quits at once). In a multi-process
+    run SIGTERM is left to JAX's preemption notifier, which makes every process stop at the same step, and SIGINT is
+    turned into a SIGTERM for it."""
+
+    def __init__(self, multi_process: bool, prog: str):
+        self.requested, self.signal, self.prog = False, None, prog
+        if multi_process:
+            signal.signal(signal.SIGINT, self._forward)
+        else:
+            signal.signal(signal.SIGINT, self._request)
+            signal.signal(signal.SIGTERM, self._request)
+
+    def _forward(self, signum, frame):
+        self.signal = signum
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _request(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signal = True, signum
+        print(f"{self.prog}: {signal.Signals(signum).name}: saving and stopping (Ctrl-C again quits without saving)",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    def exit_code(self) -> int:
+        return 128 + (self.signal or signal.SIGTERM)
+
+
+def _verbose(args) -> bool:
+    return bool(getattr(args, "verbose", False) or os.environ.get(VERBOSE_ENV, "") not in ("", "0"))
+
+
 def train_main(argv: list[str] | None = None, prog: str = "capsjax-train") -> int:
     """Entry point of ``capsjax-train``: parses ``argv`` (default ``sys.argv[1:]``), trains, returns the exit status
-    (0 done, 1 checkpoint or divergence error, 2 bad configuration or data, 130 interrupted)."""
+    (0 done, 1 checkpoint, divergence, busy work directory or multi-process error, 2 bad configuration or data,
+    128 + the signal's number when stopped by SIGTERM / SIGINT after saving)."""
     args = build_train_parser(prog).parse_args(argv)
-    from capsjax.checkpoint import CheckpointError
+    from capsjax.checkpoint import CheckpointError, quiet_logs
     from capsjax.config import ConfigError, to_dict
     from capsjax.data import DataError
+    from capsjax.distributed import DistributedError
 
+    verbose = _verbose(args)
+    quiet_logs(verbose)
     try:
         config = resolve_train_config(args)
         if args.print_config:
-            import json
-
             print(json.dumps(to_dict(config), indent=2))
             return 0
-        from capsjax.train import TrainingDiverged, maybe_initialize_distributed, train_and_evaluate
+        from capsjax import distributed
+        from capsjax.hostmem import trim_after_compiles
+        from capsjax.train import Preempted, TrainingDiverged, train_and_evaluate
+        from capsjax.workdir import WorkdirBusy
 
-        maybe_initialize_distributed(args.distributed)
-        train_and_evaluate(config, args.workdir or f"runs/{args.preset}")
+        launch = (args.coordinator_address, args.num_processes, args.process_id)
+        multi = args.distributed or any(v is not None for v in distributed.settings(*launch))
+        if multi:
+            distributed.initialize(*launch)
+        trim_after_compiles()  # the compiler's freed heap back to the system before the steps' scratch is taken
+        stop = _StopOnSignal(multi, prog)
+        train_and_evaluate(config, args.workdir or f"runs/{args.preset}", should_stop=lambda: stop.requested)
     except (ConfigError, DataError) as err:
-        return _fail(prog, str(err), 2)
-    except (CheckpointError, TrainingDiverged) as err:
-        return _fail(prog, str(err), 1)
+        return _fail(prog, err, 2, verbose)
+    except (CheckpointError, TrainingDiverged, WorkdirBusy, DistributedError) as err:
+        return _fail(prog, err, 1, verbose)
+    except Preempted as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return stop.exit_code()
     except KeyboardInterrupt:
-        return _fail(prog, "interrupted", 130)
+        return _fail(prog, "interrupted", 130, verbose)
+    except Exception as err:  # anything else: one line, the traceback on request
+        if verbose:
+            raise
+        return _fail(prog, f"{type(err).__name__}: {err} (rerun with --verbose for the traceback)", 1, verbose)
     return 0
 
 
@@ -110,7 +178,9 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
     parser.add_argument("--workdir", required=True, help="the training run's directory")
     parser.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
     parser.add_argument("--data-dir", default=None, help="directory of IDX files (default: the run's)")
-    parser.add_argument("--checkpoint", default="best", choices=("best", "latest"))
+    parser.add_argument("--checkpoint", default="best", metavar="best|latest|STEP",
+                        help="which checkpoint: the best validated one (default; the latest before the first epoch "
+                        "ends), the latest, or a step number")  # fmt: skip
     parser.add_argument("--out-dir", default=None, help="where to write eval JSON and figures (default: the workdir)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--no-figures", action="store_true")
@@ -126,7 +196,9 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
     from capsjax.config import ConfigError
     from capsjax.data import DataError
     from capsjax.evaluate import evaluate_workdir, format_confusion
+    from capsjax.hostmem import trim_after_compiles
 
+    trim_after_compiles()
     if args.batch_size is not None and args.batch_size < 1:
         return _fail(prog, "--batch-size must be >= 1", 2)
     try:

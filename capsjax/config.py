@@ -36,7 +36,9 @@ class TrainConfig:
     log_every_steps: int = 50
     checkpoint_every_steps: int = 1000
     keep_checkpoints: int = 2
-    progress: bool = True  # progress bar (only drawn on a terminal)
+    safe_checkpoint_margin: int = 500  # also keep the newest checkpoint this many steps behind the newest (divergence)
+    progress: bool = True  # progress bar on a terminal; plain log lines every log_every_steps otherwise
+    tensorboard: bool = True  # TensorBoard event files in <workdir>/tensorboard (scalars, reconstructions)
     test_every_epoch: bool = True  # also log test accuracy each epoch (model selection still uses validation only)
 
     def __post_init__(self):
@@ -44,8 +46,10 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_shift < 0 or self.validation_examples < 0:
-            raise ConfigError("max_shift and validation_examples must be >= 0")
+        if self.max_shift < 0 or self.validation_examples < 0 or self.safe_checkpoint_margin < 0:
+            raise ConfigError("max_shift, validation_examples and safe_checkpoint_margin must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.train_examples is not None and self.train_examples < 1:
             raise ConfigError(f"train_examples must be >= 1, got {self.train_examples}")
         if self.loss.recon_reduction not in ("sum", "mean"):
@@ -83,6 +87,7 @@ def _smoke() -> TrainConfig:
         epochs=2,
         log_every_steps=4,
         checkpoint_every_steps=4,
+        safe_checkpoint_margin=8,
     )
 
 

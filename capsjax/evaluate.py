@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from capsjax.checkpoint import Checkpoints
+from capsjax.checkpoint import CheckpointError, Checkpoints
 from capsjax.config import ConfigError, TrainConfig, load_config
 from capsjax.model import CapsNetOutput
 from capsjax.steps import MAX_IN_FLIGHT, Steps, default_mesh, init_state, make_steps, wait_for_queue
@@ -44,14 +44,27 @@ def _padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int):
         yield tuple(x[index * local : (index + 1) * local] for x in (mask, *padded))
 
 
+class StopRequested(Exception):
+    """``should_stop()`` returned True during an evaluation."""
+
+
 def evaluate_arrays(
-    steps: Steps, params: Any, images: np.ndarray, labels: np.ndarray, batch_size: int
+    steps: Steps,
+    params: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Mean loss terms, accuracy, error rate, per-class accuracy and the confusion matrix (rows: true class) over all
-    ``images`` [N, H, W, C] (uint8 or float in [0, 1]) and ``labels`` [N], decoding the predicted class."""
+    ``images`` [N, H, W, C] (uint8 or float in [0, 1]) and ``labels`` [N], decoding the predicted class.
+
+    ``should_stop()`` is polled between batches; raises :class:`StopRequested` when it returns True."""
     sharding = steps.data_sharding
     totals, dispatched = None, []
     for mask, x, y in _padded_batches((images, labels.astype(np.int32)), batch_size):
+        if should_stop is not None and should_stop():
+            raise StopRequested
         sums = steps.evaluate(params, global_batch(sharding, x), global_batch(sharding, y), global_batch(sharding, mask))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         dispatched = [*dispatched[-MAX_IN_FLIGHT:], totals]
@@ -90,13 +103,15 @@ class Run:
         return nnx.merge(self.steps.graphdef, self.params)
 
 
-def load_run(workdir: str | Path, which: str = "best") -> Run:
-    """Loads ``config.json`` and the ``which`` ("best" or "latest") checkpoint of ``workdir`` onto all local devices.
+def load_run(workdir: str | Path, which: str = "best", log=print) -> Run:
+    """Loads ``config.json`` and the ``which`` checkpoint of ``workdir`` onto all local devices: "best" (the validated
+    checkpoint with the highest validation accuracy; before the first epoch ends, the latest, saying so through
+    ``log``), "latest", or a step number.
 
     Raises :class:`~capsjax.config.ConfigError` (not a work directory) or
-    :class:`~capsjax.checkpoint.CheckpointError` (no complete checkpoint)."""
-    if which not in ("best", "latest"):
-        raise ConfigError(f"checkpoint must be 'best' or 'latest', got {which!r}")
+    :class:`~capsjax.checkpoint.CheckpointError` (no checkpoint that reads back)."""
+    if which not in ("best", "latest") and not str(which).isdigit():
+        raise ConfigError(f"checkpoint must be 'best', 'latest' or a step number, got {which!r}")
     workdir = Path(workdir)
     config = load_config(workdir / "config.json")
     mesh = default_mesh()
@@ -104,10 +119,55 @@ def load_run(workdir: str | Path, which: str = "best") -> Run:
     steps = make_steps(graphdef, config.optim, config.loss, mesh=mesh)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     try:
-        state, _ = checkpoints.restore(state, which)
+        available = checkpoints.all_steps()
+        if not available:
+            raise CheckpointError(f"no complete checkpoint in {checkpoints.directory}: has the run saved one yet?")
+        if which == "best":
+            step = checkpoints.best_step()
+            if step is None:
+                step = available[-1]
+                log(f"note: no epoch of {workdir} has been validated yet; evaluating the latest checkpoint (step {step})")
+                which = "latest"
+        elif which == "latest":
+            step = available[-1]
+        else:
+            step = int(which)
+            if step not in available:
+                raise CheckpointError(f"no checkpoint of step {step} in {checkpoints.directory} (there are {available})")
+        state = checkpoints.restore(state, step)
     finally:
         checkpoints.close()
     return Run(config, steps, state.params, int(jax.device_get(state.step)), which)
+
+
+def _unit_images(images: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
+    """Checks images for :func:`predict`: [N, H, W(, C)] of uint8 in 0..255 or float in [0, 1]."""
+    images = np.asarray(images)
+    if images.ndim == 3 and len(expected) == 3 and expected[-1] == 1:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise ValueError(f"images must be [N, {', '.join(map(str, expected))}], got {images.shape}")
+    if images.dtype == np.uint8:
+        return images
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}: convert them first")
+    if images.size and (not np.isfinite(images).all() or images.min() < 0 or images.max() > 1):
+        raise ValueError(
+            f"float images must lie in [0, 1], got values in [{images.min():g}, {images.max():g}]: divide 0..255 "
+            "images by 255 or pass them as uint8"
+        )
+    return images.astype(np.float32)
+
+
+def predict_arrays(steps: Steps, params: Any, images: np.ndarray, batch_size: int = 100) -> CapsNetOutput:
+    """:func:`predict` for compiled ``steps`` and ``params``: ``images`` [N, H, W, C], uint8 or float in [0, 1]."""
+    batch_size = max(batch_size - batch_size % steps.mesh.size, steps.mesh.size)
+    outputs = []
+    for mask, x in _padded_batches((images,), batch_size):
+        out = jax.device_get(steps.predict(params, global_batch(steps.data_sharding, x)))
+        valid = int(mask.sum())
+        outputs.append(jax.tree.map(lambda a: a[:valid], out))
+    return CapsNetOutput(*(None if parts[0] is None else np.concatenate(parts) for parts in zip(*outputs)))
 
 
 def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 100) -> CapsNetOutput:
@@ -122,20 +182,14 @@ def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 100) ->
     """
     if not isinstance(run, Run):
         run = load_run(run)
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[..., None]
-    expected = tuple(run.config.model.image_shape)
-    if images.ndim != 4 or images.shape[1:] != expected:
-        raise ValueError(f"images must be [N, {', '.join(map(str, expected))}], got {images.shape}")
-    batch_size -= batch_size % run.steps.mesh.size
-    outputs = []
-    for mask, x in _padded_batches((images,), batch_size):
-        out = run.steps.predict(run.params, global_batch(run.steps.data_sharding, x))
-        out = jax.device_get(out)
-        valid = int(mask.sum())
-        outputs.append(jax.tree.map(lambda a: a[:valid], out))
-    return CapsNetOutput(*(None if parts[0] is None else np.concatenate(parts) for parts in zip(*outputs)))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = _unit_images(images, tuple(run.config.model.image_shape))
+    if len(images) == 0:
+        k, d = run.config.model.num_classes, run.config.model.class_dim
+        recon = np.zeros((0, *run.config.model.image_shape), np.float32) if run.config.model.use_decoder else None
+        return CapsNetOutput(np.zeros((0, k, d), np.float32), np.zeros((0, k), np.float32), recon)
+    return predict_arrays(run.steps, run.params, images, batch_size)
 
 
 def decode(run: Run, capsules: np.ndarray) -> np.ndarray:
@@ -178,18 +232,16 @@ def evaluate_workdir(
       ``step``, ``dataset`` and, with ``figures``, the written ``figures`` paths.
     """
     from capsjax import data as datalib
-    from capsjax.hostmem import trim_after_compiles
 
-    trim_after_compiles()
     run = load_run(workdir, which)
     out_dir = Path(out_dir or workdir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = run.config
     images, labels = datalib.load(config.dataset, split, data_dir if data_dir is not None else config.data_dir)
     batch_size = batch_size or config.eval_batch_size
-    batch_size -= batch_size % run.steps.mesh.size
+    batch_size = max(batch_size - batch_size % run.steps.mesh.size, run.steps.mesh.size)
     metrics = evaluate_arrays(run.steps, run.params, images, labels, batch_size)
-    metrics.update(split=split, checkpoint=which, step=run.step, dataset=config.dataset)
+    metrics.update(split=split, checkpoint=run.which, step=run.step, dataset=config.dataset)
     (out_dir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if figures and jax.process_index() == 0:
         metrics["figures"] = [str(p) for p in _figures(run, images, labels, metrics, Path(workdir), out_dir)]

@@ -1,7 +1,13 @@
-"""The training loop: ``train_and_evaluate(config, workdir)``.
+"""The training loop: ``train_and_evaluate(config, workdir)``, in six visible stages.
 
-Data parallel over every device (one ``data`` mesh axis), resumable from the work directory's latest checkpoint with
-the same data order and the same random keys as an uninterrupted run, metrics appended to ``metrics.jsonl``.
+1. devices and mesh; 2. data; 3. the work directory (lock, resume rules) and the state (the newest intact checkpoint);
+4. the compiled steps; 5. the loop; 6. the end of the run (test, ``results.json``).
+
+One rule for saving: a checkpoint every ``checkpoint_every_steps`` steps, and one at the end of every epoch, written
+after that epoch's validation and holding its metrics (the two never fall on one step: the epoch's end takes it). The
+best checkpoint is the validated one with the highest accuracy (:mod:`capsjax.checkpoint`). A run stopped between an
+epoch's last step and the save of its validation validates that epoch first when it resumes. Resuming replays the
+same batches and random keys, so a resumed run ends with the parameters and ``metrics.jsonl`` of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -9,25 +15,31 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 
 from capsjax import data as datalib
-from capsjax.checkpoint import CheckpointError, Checkpoints, has_checkpoint
+from capsjax import distributed
+from capsjax.checkpoint import Checkpoints
 from capsjax.config import ConfigError, TrainConfig, load_config, save_config
-from capsjax.evaluate import evaluate_arrays
-from capsjax.hostmem import trim_after_compiles
+from capsjax.evaluate import StopRequested, evaluate_arrays, predict_arrays
+from capsjax.reporting import Console, TensorBoard, Window
 from capsjax.steps import Steps, default_mesh, init_state, make_steps, wait_for_queue
+from capsjax.workdir import MetricsLog, WorkdirLock, check_resume
+
+DIVERGED = "diverged.json"  # written when the loss blows up: the bad step and the checkpoint to restart from
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients became NaN or infinite."""
+
+
+class Preempted(RuntimeError):
+    """Training stopped on request (SIGTERM / SIGINT, or a preemption notice) after saving; rerun to resume."""
 
 
 @dataclasses.dataclass
@@ -71,225 +83,305 @@ def adapt_model_to_data(config: TrainConfig, datasets: Datasets) -> TrainConfig:
     return dataclasses.replace(config, model=model)
 
 
-def _check_resumable(config: TrainConfig, workdir: Path) -> None:
-    """A work directory with checkpoints must belong to a run of the same model."""
-    path = workdir / "config.json"
-    if not path.exists() or not has_checkpoint(workdir):
-        return
-    previous = load_config(path)
-    if previous.model != config.model or previous.seed != config.seed or previous.dataset != config.dataset:
-        raise ConfigError(
-            f"{workdir} holds checkpoints of a run with another model, seed or dataset; "
-            "use a new --workdir, or the same settings to resume"
-        )
+@dataclasses.dataclass
+class _Run:
+    """What the stages hand on to each other."""
+
+    config: TrainConfig
+    workdir: Path
+    datasets: Datasets
+    steps_per_epoch: int
+    checkpoints: Checkpoints
+    state: Any
+    step: int
+    validate_first: bool  # the restored step ends an epoch whose validation was not saved
+    log: MetricsLog
+    console: Console
+    tensorboard: TensorBoard
+    stop: distributed.StopSignal
+    saved_step: int | None = None
+    epoch_started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
 
 
-class _Progress:
-    """tqdm on a terminal or in a Jupyter kernel (process 0 only); plain lines otherwise (logs, pipes)."""
+def train_and_evaluate(
+    config: TrainConfig, workdir: str | Path, *, should_stop: Callable[[], bool] | None = None
+) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming from its newest intact checkpoint), validates and checkpoints every
+    epoch, and evaluates the final model on the test set.
 
-    def __init__(self, enabled: bool, total: int, initial: int):
-        self.bar = None
-        interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
-        if enabled and interactive and jax.process_index() == 0:
-            try:  # a widget in notebooks that have ipywidgets, text otherwise
-                import ipywidgets  # noqa: F401
-                from tqdm.auto import tqdm
-            except ImportError:
-                from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.1)
-
-    def update(self, n: int = 1, **postfix) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-
-    def write(self, message: str) -> None:
-        if jax.process_index() != 0:
-            return
-        if self.bar is not None:
-            self.bar.write(message)
-        else:
-            print(message, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _MetricsLog:
-    """Appends one JSON object per line to ``metrics.jsonl`` (process 0 only)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, record: dict[str, Any]) -> None:
-        if jax.process_index() == 0:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _epoch_batches(
-    config: TrainConfig, images: np.ndarray, labels: np.ndarray, epoch: int, skip: int, steps: Steps
-) -> Iterator[tuple[jax.Array, jax.Array]]:
-    """This epoch's global batches from the first not yet trained one, prefetched onto the devices."""
-    local = datalib.batches(images, labels, config.batch_size, seed=config.seed, epoch=epoch)
-    for _ in range(skip):
-        next(local)
-    sharding = steps.data_sharding
-    return datalib.prefetch_to_device(local, size=2, sharding=sharding)
-
-
-def train_and_evaluate(config: TrainConfig, workdir: str | Path) -> dict[str, Any]:
-    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), validates every epoch, keeps the best
-    checkpoint, and evaluates the final model on the test set.
-
-    Writes ``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``best/`` and ``results.json`` into ``workdir`` and
-    returns the results dict (test accuracy and loss, best validation accuracy, steps, time).
+    Writes ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` and ``results.json`` into
+    ``workdir`` and returns the results dict. ``should_stop()`` is polled every step (and between evaluation batches):
+    when it returns True the run saves and raises :class:`Preempted`; a multi-process run instead stops at JAX's
+    preemption sync point, on which every process agrees. Raises :class:`~capsjax.workdir.WorkdirBusy` if another run
+    holds ``workdir``, :class:`~capsjax.config.ConfigError` for settings that can't resume the run in ``workdir``,
+    :class:`TrainingDiverged` if the loss blows up.
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    trim_after_compiles()  # the compiler's freed heap back to the system before the steps' scratch memory is taken
-    datasets = load_datasets(config)
-    config = adapt_model_to_data(config, datasets)
-    _check_resumable(config, workdir)
-    mesh = default_mesh()
+    mesh = default_mesh()  # 1. devices and mesh
     if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
         raise ConfigError(
             f"batch_size ({config.batch_size}) and eval_batch_size ({config.eval_batch_size}) must be divisible by "
             f"the number of devices ({mesh.size})"
         )
-    train_images, train_labels = datasets.train
-    steps_per_epoch = len(train_images) // config.batch_size
+    datasets = load_datasets(config)  # 2. data
+    config = adapt_model_to_data(config, datasets)
+    steps_per_epoch = len(datasets.train[0]) // config.batch_size
     if steps_per_epoch == 0:
-        raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(train_images)} training examples")
-    total_steps = steps_per_epoch * config.epochs
-    if jax.process_index() == 0:
-        save_config(config, workdir / "config.json")
+        raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(datasets.train[0])} training examples")
 
-    graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
-    steps = make_steps(graphdef, config.optim, config.loss, max_shift=config.max_shift, mesh=mesh)
-    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-    meta: dict[str, Any] = {"best_accuracy": None, "epoch": 0}
-    if checkpoints.latest_step() is not None:
-        state, meta = checkpoints.restore(state)
-    elif has_checkpoint(workdir):
-        raise CheckpointError(
-            f"{workdir / 'checkpoints'} holds only an incomplete checkpoint (a run killed while saving?); "
-            "delete that folder to start afresh"
-        )
-    step = int(jax.device_get(state.step))
-    log = _MetricsLog(workdir / "metrics.jsonl")
-    progress = _Progress(config.progress, total_steps, step)
+    lock = distributed.lock_workdir(WorkdirLock(workdir))  # 3. work directory and state
+    try:
+        distributed.check_shared(workdir)
+        config = _resume_rules(config, workdir)
+        graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
+        run = _open_run(config, workdir, datasets, steps_per_epoch, state, should_stop)
+        steps = make_steps(graphdef, config.optim, config.loss, max_shift=config.max_shift, mesh=mesh)  # 4. steps
+        try:
+            _loop(run, steps)  # 5. the loop
+            return _end_of_run(run, steps)  # 6. end of run
+        except KeyboardInterrupt:
+            _save_on_interrupt(run)
+            raise
+        finally:
+            run.console.close()
+            run.tensorboard.close()
+            run.checkpoints.close()
+    finally:
+        lock.release()
+
+
+# ---- 3. work directory and state
+def _resume_rules(config: TrainConfig, workdir: Path) -> TrainConfig:
+    """Refuses settings that can't continue the run in ``workdir``; after a divergence, requires new optimizer settings
+    and rolls the run back to the checkpoint from before the blow-up. Writes ``config.json``."""
+    path, marker = workdir / "config.json", workdir / DIVERGED
+    if path.exists() and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+        previous = load_config(path)
+        if marker.exists():
+            diverged = json.loads(marker.read_text())
+            if config.optim == previous.optim:
+                raise ConfigError(
+                    f"the run in {workdir} diverged at step {diverged['step']} with learning rate "
+                    f"{previous.optim.learning_rate:g}; rerun with a lower --learning-rate (it restarts from "
+                    + (f"step {diverged['safe_step']})" if diverged["safe_step"] is not None else "scratch)")
+                )
+            check_resume(previous, config, workdir, allowed=("optim.",))
+            _roll_back(workdir, diverged["safe_step"], config)
+        else:
+            check_resume(previous, config, workdir)
+    if jax.process_index() == 0:
+        save_config(config, path)
+        marker.unlink(missing_ok=True)
+    return config
+
+
+def _roll_back(workdir: Path, step: int | None, config: TrainConfig) -> None:
+    """Drops the checkpoints and metrics after ``step`` (None: all of them)."""
+    if jax.process_index() == 0:
+        checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+        dropped = checkpoints.delete_after(step)
+        checkpoints.close()
+        MetricsLog(workdir / "metrics.jsonl").truncate(step or 0)
+        print(f"restarting from {'step ' + str(step) if step is not None else 'scratch'} with the new optimizer "
+              f"settings (dropped checkpoints {dropped})", flush=True)  # fmt: skip
+    distributed.barrier("rollback")
+
+
+def _open_run(config, workdir, datasets, steps_per_epoch, state, should_stop) -> _Run:
+    console_log = print if jax.process_index() == 0 else (lambda _: None)
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints, config.safe_checkpoint_margin)
+    restored = checkpoints.restore_newest_intact(state, log=console_log)
+    step = 0
+    if restored is not None:
+        state, step = restored
+    validate_first = step > 0 and step % steps_per_epoch == 0 and checkpoints.metrics(step) is None
+    log = MetricsLog(workdir / "metrics.jsonl", enabled=jax.process_index() == 0)
+    log.truncate(step, drop_epoch_end=validate_first)
+    total = steps_per_epoch * config.epochs
+    run = _Run(
+        config, workdir, datasets, steps_per_epoch, checkpoints, state, step, validate_first, log,
+        Console(config.progress, total, step, steps_per_epoch),
+        TensorBoard(workdir, config.tensorboard, purge_step=step + 1 if step else None),
+        distributed.StopSignal(should_stop),
+        saved_step=step if restored is not None else None,
+    )  # fmt: skip
     if step:
-        progress.write(f"resuming from step {step} (epoch {step // steps_per_epoch + 1}) in {workdir}")
-    progress.write(
-        f"training on {len(train_images)} {config.dataset} images, {steps_per_epoch} steps/epoch x {config.epochs} "
-        f"epochs, batch {config.batch_size} over {mesh.size} {jax.devices()[0].platform} device(s)"
+        run.console.write(f"resuming from step {step} (epoch {step / steps_per_epoch:.2f}) in {workdir}")
+    run.console.write(
+        f"training on {len(datasets.train[0])} {config.dataset} images, {steps_per_epoch} steps/epoch x "
+        f"{config.epochs} epochs, batch {config.batch_size} over {jax.device_count()} {jax.devices()[0].platform} "
+        f"device(s) in {jax.process_count()} process(es)"
+    )
+    return run
+
+
+# ---- 5. the loop
+def _epoch_batches(run: _Run, steps: Steps) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """The current epoch's global batches from the first one not yet trained, prefetched onto the devices."""
+    epoch, done = divmod(run.step, run.steps_per_epoch)
+    images, labels = run.datasets.train
+    local = datalib.batches(images, labels, run.config.batch_size, seed=run.config.seed, epoch=epoch)
+    for _ in range(done):
+        next(local)
+    return datalib.prefetch_to_device(local, size=2, sharding=steps.data_sharding)
+
+
+def _loop(run: _Run, steps: Steps) -> None:
+    window = Window(run.config.batch_size)
+    if run.validate_first:
+        _end_epoch(run, steps, window)
+    while run.step < run.total_steps:
+        run.epoch_started = window.started = time.perf_counter()
+        stop = False
+        for images, labels in _epoch_batches(run, steps):
+            run.state, metrics = steps.train(run.state, images, labels)
+            run.step += 1
+            window.add(metrics)
+            wait_for_queue(window.pending)
+            run.console.step()
+            stop = run.stop.at_step(run.step)  # every step: the processes of a run agree on the step to stop at
+            if run.step % run.steps_per_epoch:  # the epoch's last step is validated and saved by _end_epoch
+                _between_steps(run, window, stop)
+        _end_epoch(run, steps, window)
+        if stop:
+            raise Preempted(_stopped(run))
+
+
+def _stopped(run: _Run) -> str:
+    return f"stopped at step {run.step}; saved in {run.workdir}: run the same command to resume"
+
+
+def _between_steps(run: _Run, window: Window, stop: bool) -> None:
+    if stop:
+        _save(run, window)
+        raise Preempted(_stopped(run))
+    if run.step % run.config.log_every_steps == 0:
+        _report(run, window)
+    if run.step % run.config.checkpoint_every_steps == 0:
+        _save(run, window)
+
+
+def _report(run: _Run, window: Window) -> None:
+    """Logs the mean of the window's step metrics; raises :class:`TrainingDiverged` if any step's loss blew up."""
+    if not window.pending:
+        return
+    count = len(window.pending)
+    fetched = window.take()
+    for offset, m in enumerate(fetched):
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            _diverged(run, run.step - count + offset + 1)
+    mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    rates = window.rates(count)
+    record = {"step": run.step, "epoch": run.step / run.steps_per_epoch, "split": "train", **mean,
+              "images_per_s": rates["images_per_s"]}  # fmt: skip
+    run.log.write(record)
+    run.tensorboard.record(record)
+    run.console.window(run.step, {**record, **rates})
+
+
+def _diverged(run: _Run, bad_step: int) -> None:
+    margin = run.config.safe_checkpoint_margin
+    safe = [s for s in run.checkpoints.all_steps() if s <= bad_step - margin]
+    safe_step = safe[-1] if safe else None
+    if jax.process_index() == 0:
+        note = {"step": bad_step, "safe_step": safe_step, "learning_rate": run.config.optim.learning_rate}
+        (run.workdir / DIVERGED).write_text(json.dumps(note) + "\n")
+    where = f"checkpoint step {safe_step}, {bad_step - safe_step} steps before," if safe else "no checkpoint"
+    raise TrainingDiverged(
+        f"the loss became non-finite at step {bad_step}; {where} is kept in {run.workdir}; rerun with a lower "
+        "--learning-rate to restart from " + ("it" if safe else "scratch")
     )
 
-    pending: list[dict[str, jax.Array]] = []
-    last_saved = step if checkpoints.latest_step() is not None else None
-    window_start, window_steps = time.perf_counter(), 0
 
-    def flush() -> dict[str, float] | None:
-        """Fetches the pending step metrics; raises if any step diverged; logs their mean."""
-        nonlocal pending, window_start, window_steps
-        if not pending:
-            return None
-        fetched = jax.device_get(pending)
-        for offset, m in enumerate(fetched):
-            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-                bad_step = step - len(fetched) + offset + 1
-                raise TrainingDiverged(
-                    f"the loss became non-finite at step {bad_step}; the last good checkpoint "
-                    f"(step {last_saved}) is kept in {workdir}; try a lower --learning-rate"
-                )
-        mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        elapsed = time.perf_counter() - window_start
-        mean["images_per_s"] = window_steps * config.batch_size / elapsed if elapsed > 0 else 0.0
-        log.write({"step": step, "epoch": step / steps_per_epoch, "split": "train", **mean})
-        pending, window_start, window_steps = [], time.perf_counter(), 0
-        return mean
+def _save(run: _Run, window: Window, metrics: dict[str, float] | None = None) -> None:
+    _report(run, window)  # checks the losses up to this step before they are saved
+    run.checkpoints.save(run.step, run.state, metrics)
+    run.saved_step = run.step
 
-    def save(best: bool = False) -> None:
-        nonlocal last_saved
-        flush()
-        checkpoints.save(step, state, meta, best=best)
-        last_saved = step
 
+def _save_on_interrupt(run: _Run) -> None:
+    """KeyboardInterrupt (a notebook's stop button): keep the steps done if the state is intact."""
+    if run.saved_step == run.step:
+        return
     try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            epoch_start = time.perf_counter()
-            for images, labels in _epoch_batches(
-                config, train_images, train_labels, epoch, step - epoch * steps_per_epoch, steps
-            ):
-                state, metrics = steps.train(state, images, labels)
-                step += 1
-                window_steps += 1
-                pending.append(metrics)
-                wait_for_queue(pending)
-                if step % config.log_every_steps == 0:
-                    mean = flush()
-                    progress.update(0, loss=f"{mean['loss']:.4f}", img_s=f"{mean['images_per_s']:.0f}")
-                if step % config.checkpoint_every_steps == 0:
-                    save()
-                progress.update(1)
-            flush()
-            validation = evaluate_arrays(steps, state.params, *datasets.validation, config.eval_batch_size)
-            improved = meta["best_accuracy"] is None or validation["accuracy"] > meta["best_accuracy"]
-            if improved:
-                meta["best_accuracy"] = validation["accuracy"]
-            meta["epoch"] = epoch + 1
-            record = {k: v for k, v in validation.items() if k not in ("confusion", "per_class_accuracy")}
-            epoch_time = time.perf_counter() - epoch_start
-            log.write({"step": step, "epoch": epoch + 1, "split": datasets.validation_name, **record,
-                       "epoch_time_s": epoch_time})  # fmt: skip
-            progress.write(
-                f"epoch {epoch + 1}/{config.epochs}: {datasets.validation_name} accuracy "
-                f"{100 * validation['accuracy']:.2f}% (loss {validation['loss']:.4f}), {epoch_time:.0f} s"
-            )
-            if config.test_every_epoch and datasets.validation_name != "test":
-                test = evaluate_arrays(steps, state.params, *datasets.test, config.eval_batch_size)
-                record = {k: v for k, v in test.items() if k not in ("confusion", "per_class_accuracy")}
-                log.write({"step": step, "epoch": epoch + 1, "split": "test", **record})
-                progress.write(f"epoch {epoch + 1}/{config.epochs}: test accuracy {100 * test['accuracy']:.2f}%")
-            save(best=improved)
-    except KeyboardInterrupt:
-        progress.close()
-        if last_saved != step:
-            try:
-                save()
-                progress.write(f"interrupted: saved step {step} in {workdir}; run the same command to resume")
-            except TrainingDiverged:
-                pass
-        checkpoints.close()
-        raise
-    progress.close()
+        run.checkpoints.save(run.step, run.state)
+        run.console.write(f"interrupted: saved step {run.step} in {run.workdir}; run the same command to resume")
+    except Exception:  # the interrupt hit a step that had taken the state's buffers
+        run.console.write(f"interrupted: the newest checkpoint in {run.workdir} is step {run.saved_step}")
 
-    test = evaluate_arrays(steps, state.params, *datasets.test, config.eval_batch_size)
-    record = {k: v for k, v in test.items() if k not in ("confusion", "per_class_accuracy")}
-    log.write({"step": step, "epoch": step / steps_per_epoch, "split": "test", **record})
+
+def _without_tables(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k not in ("confusion", "per_class_accuracy")}
+
+
+def _end_epoch(run: _Run, steps: Steps, window: Window) -> None:
+    """Validates the epoch that just ended (and tests, with ``test_every_epoch``), then saves with the metrics."""
+    _report(run, window)
+    config, epoch, name = run.config, run.step // run.steps_per_epoch, run.datasets.validation_name
+    stop = run.stop.now
+    try:
+        validation = evaluate_arrays(steps, run.state.params, *run.datasets.validation, config.eval_batch_size, stop)
+        test = None
+        if config.test_every_epoch and name != "test":
+            test = evaluate_arrays(steps, run.state.params, *run.datasets.test, config.eval_batch_size, stop)
+    except StopRequested:
+        _save(run, window)  # without metrics: the resumed run validates this epoch first
+        raise Preempted(_stopped(run)) from None
+    epoch_time = time.perf_counter() - run.epoch_started
+    for split, metrics in ((name, validation), ("test", test)):
+        if metrics is not None:
+            record = {"step": run.step, "epoch": epoch, "split": split, **_without_tables(metrics)}
+            if split == name:
+                record["epoch_time_s"] = epoch_time
+            run.log.write(record)
+            run.tensorboard.record(record)
+    _reconstructions_to_tensorboard(run, steps)
+    _save(run, window, {"accuracy": validation["accuracy"], "loss": validation["loss"], "epoch": epoch})
+    best = run.checkpoints.best_step()
+    run.console.write(
+        f"epoch {epoch}/{config.epochs}: {name} accuracy {100 * validation['accuracy']:.2f}% "
+        f"(loss {validation['loss']:.4f})" + (f", test {100 * test['accuracy']:.2f}%" if test else "")
+        + f", {epoch_time:.0f} s" + (" (new best)" if best == run.step else "")
+    )
+
+
+def _reconstructions_to_tensorboard(run: _Run, steps: Steps, count: int = 8) -> None:
+    if not run.config.tensorboard or not run.config.model.use_decoder:
+        return
+    images = run.datasets.validation[0][:count]
+    out = predict_arrays(steps, run.state.params, images, batch_size=steps.mesh.size * max(1, count // steps.mesh.size))
+    inputs = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images
+    run.tensorboard.images("reconstructions", np.concatenate([inputs, out.reconstructions], axis=1), run.step)
+    run.tensorboard.flush()
+
+
+# ---- 6. end of run
+def _end_of_run(run: _Run, steps: Steps) -> dict[str, Any]:
+    config = run.config
+    test = evaluate_arrays(steps, run.state.params, *run.datasets.test, config.eval_batch_size)
+    record = {"step": run.step, "epoch": run.step / run.steps_per_epoch, "split": "test", **_without_tables(test)}
+    final = [r for r in run.log.records() if r.get("split") == "test" and r.get("final")]
+    if not any(r["step"] == run.step for r in final):
+        run.log.write({**record, "final": True})
+    best = run.checkpoints.best_step()
+    best_metrics = run.checkpoints.metrics(best) if best is not None else None
     results = {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
-        "best_validation_accuracy": meta["best_accuracy"],
-        "validation_split": datasets.validation_name,
-        "steps": step,
+        "best_validation_accuracy": None if best_metrics is None else best_metrics["accuracy"],
+        "best_step": best,
+        "validation_split": run.datasets.validation_name,
+        "steps": run.step,
         "epochs": config.epochs,
-        "devices": mesh.size,
+        "devices": steps.mesh.size,
+        "processes": jax.process_count(),
         "platform": jax.devices()[0].platform,
     }
     if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    progress.write(f"test accuracy {100 * test['accuracy']:.2f}% after {step} steps; results in {workdir}")
-    checkpoints.close()
+        (run.workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    run.console.write(f"test accuracy {100 * test['accuracy']:.2f}% after {run.step} steps; results in {run.workdir}")
     return results
-
-
-def maybe_initialize_distributed(force: bool = False) -> None:
-    """Joins a multi-host run when asked (``force``) or when ``JAX_COORDINATOR_ADDRESS`` is set; a no-op otherwise."""
-    if force or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()

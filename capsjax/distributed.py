@@ -1,0 +1,153 @@
+"""Several processes, one run: joining a multi-host run, agreeing on the step to stop at, sharing the work directory.
+
+Everything here is a no-op or trivial in a single-process run. :func:`initialize` (the CLIs call it) is the only
+function that sets process-wide state; the training loop uses the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+ENV_ADDRESS, ENV_PROCESSES, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+SHARED_TIMEOUT_S = 60.0
+
+
+class DistributedError(RuntimeError):
+    """A multi-process run that can't go on (bad launch settings, a work directory that is not shared)."""
+
+
+def settings(address: str | None, num_processes: int | None, process_id: int | None, environ=None):
+    """The launch settings from the flags, else from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``; ``None`` where neither gives one (JAX then detects it on Slurm, Cloud TPU, Kubernetes...)."""
+    environ = os.environ if environ is None else environ
+    address = address or environ.get(ENV_ADDRESS) or None
+    try:
+        if num_processes is None and environ.get(ENV_PROCESSES):
+            num_processes = int(environ[ENV_PROCESSES])
+        if process_id is None and environ.get(ENV_ID):
+            process_id = int(environ[ENV_ID])
+    except ValueError:
+        raise DistributedError(f"{ENV_PROCESSES} and {ENV_ID} must be integers") from None
+    if num_processes is not None and num_processes < 1:
+        raise DistributedError(f"--num-processes must be >= 1, got {num_processes}")
+    if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
+        raise DistributedError(f"--process-id must be in [0, {num_processes}), got {process_id}")
+    if (num_processes is None) != (process_id is None):
+        raise DistributedError("give both --num-processes and --process-id (or neither, to auto-detect)")
+    if num_processes is not None and address is None:
+        raise DistributedError("--num-processes needs --coordinator-address HOST:PORT (the host of process 0)")
+    return address, num_processes, process_id
+
+
+def initialize(address: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
+    """Joins a multi-process run through ``jax.distributed.initialize``: explicit settings, or cluster auto-detection
+    (Slurm, Cloud TPU, Kubernetes, MPI) where none are given. Cross-process CPU collectives go through gloo."""
+    address, num_processes, process_id = settings(address, num_processes, process_id)
+    if _backend_started():
+        raise DistributedError("jax.distributed must be initialized before JAX starts its backend")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(address, num_processes, process_id)
+    except (ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DistributedError(
+            f"could not join the multi-process run ({first}); outside Slurm, Cloud TPU or Kubernetes pass "
+            "--coordinator-address HOST:PORT --num-processes N --process-id I"
+        ) from None
+
+
+def _backend_started() -> bool:
+    from jax._src import xla_bridge
+
+    return bool(getattr(xla_bridge, "_backends", None))
+
+
+def _all(flag: bool) -> bool:
+    """Whether ``flag`` holds on every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name``."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"capsjax:{name}")
+
+
+def lock_workdir(lock):
+    """Process 0 takes the work directory's lock; every process raises if it could not."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except Exception as err:  # WorkdirBusy, or an unwritable workdir
+            error = err
+    if not _all(error is None):
+        lock.release()
+        if error is not None:
+            raise error
+        from capsjax.workdir import WorkdirBusy
+
+        raise WorkdirBusy(f"{lock.path.parent} is in use by another run (see process 0's message)")
+    return lock
+
+
+def check_shared(workdir: Path, timeout: float = SHARED_TIMEOUT_S) -> None:
+    """In a multi-process run, checks that every process sees the work directory process 0 writes to (checkpoints and
+    the lock live there): process 0 writes a marker file that the others must see within ``timeout`` seconds."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+    marker = Path(workdir) / f".shared-check-{token}"
+    if jax.process_index() == 0:
+        marker.write_text(str(token))
+    deadline = time.monotonic() + timeout
+    seen = marker.exists()
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.2)
+        seen = marker.exists()
+    everyone = _all(seen)
+    if jax.process_index() == 0:
+        marker.unlink(missing_ok=True)
+    if not everyone:
+        raise DistributedError(
+            f"the work directory {workdir} is not shared between the processes (process {jax.process_index()} "
+            f"{'sees' if seen else 'does not see'} the file process 0 wrote there): put it on a filesystem that "
+            "every host mounts"
+        )
+
+
+class StopSignal:
+    """When to stop early. One process: ``should_stop()`` (the CLI sets it on SIGTERM / SIGINT). Several processes:
+    JAX's preemption sync point, reached at the same step on every process after any of them gets SIGTERM (the CLI
+    turns SIGINT into SIGTERM there)."""
+
+    def __init__(self, should_stop: Callable[[], bool] | None = None):
+        self.should_stop = should_stop
+        self.multi = jax.process_count() > 1
+
+    def at_step(self, step: int) -> bool:
+        """Called after every training step, with the step count."""
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.now()
+
+    def now(self) -> bool:
+        """Between evaluation batches: single-process runs stop at once (multi-process ones at the next step)."""
+        return bool(not self.multi and self.should_stop is not None and self.should_stop())

@@ -1,0 +1,200 @@
+"""What a work directory holds besides the checkpoints: its lock, ``metrics.jsonl``, and the rules for resuming.
+
+- :class:`WorkdirLock`: one run per work directory (``<workdir>/LOCK`` with the owner's host and pid, taken atomically;
+  a lock left by a dead process of the same host is taken over).
+- :class:`MetricsLog`: ``metrics.jsonl``; on resume, the entries after the restored step are dropped, so the file
+  holds exactly what an uninterrupted run writes.
+- :func:`check_resume`: a resume must use the settings the run started with, except the ones listed in
+  :data:`RESUMABLE_CHANGES`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from capsjax.config import ConfigError, TrainConfig, to_dict
+
+# Fields a resumed run may change: they do not alter what the steps already taken computed or the steps to come.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "epochs",
+        "data_dir",
+        "eval_batch_size",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "safe_checkpoint_margin",
+        "progress",
+        "test_every_epoch",
+        "tensorboard",
+    }
+)
+
+
+class WorkdirBusy(RuntimeError):
+    """Another run holds the work directory's lock."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WorkdirLock:
+    """An exclusive lock on a work directory, held for the life of one run (a context manager).
+
+    The lock file is created with ``O_CREAT | O_EXCL`` (atomic, also on NFS v3+) and holds the owner's host, pid and
+    start time. A lock whose owner is a dead process of this host is stale and taken over; one held by another host
+    can't be checked from here, so the error says how to remove it.
+    """
+
+    def __init__(self, workdir: str | Path):
+        self.path = Path(workdir) / "LOCK"
+        self.held = False
+
+    def acquire(self) -> "WorkdirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None or self._stale(holder):
+                    self._break(holder)
+                    continue
+                raise WorkdirBusy(
+                    f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+                    f"since {holder.get('started')}); wait for it, stop it, or use another --workdir"
+                    + ("" if holder.get("host") == owner["host"] else f" (if that run is gone, delete {self.path})")
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(owner, f)
+            self.held = True
+            return self
+        raise WorkdirBusy(f"could not take the lock {self.path}; delete it if no run uses {self.path.parent}")
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}  # released in between: try again
+        except (OSError, ValueError):
+            return None  # half-written by a process killed while taking it
+
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        if not holder:
+            return True
+        return holder.get("host") == socket.gethostname() and not _process_alive(int(holder.get("pid", -1)))
+
+    def _break(self, holder: dict[str, Any] | None) -> None:
+        # Rename first, so that of two runs breaking the same stale lock only one removes it.
+        aside = self.path.with_name(f"LOCK.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+            os.unlink(aside)
+        except OSError as err:
+            if err.errno != errno.ENOENT:
+                raise
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, written by process 0 only."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+
+    def records(self) -> list[dict[str, Any]]:
+        """The entries written so far (a line cut short by a kill is skipped)."""
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def truncate(self, step: int, drop_epoch_end: bool = False) -> int:
+        """Keeps the entries up to ``step`` (and, with ``drop_epoch_end``, drops the evaluation entries AT ``step``,
+        whose epoch is to be validated again); rewrites the file atomically. Returns how many entries were dropped."""
+        if not self.enabled or not self.path.exists():
+            return 0
+        records = self.records()
+
+        def keep(r: dict[str, Any]) -> bool:
+            if r.get("step", 0) > step:
+                return False
+            return not (drop_epoch_end and r.get("step") == step and r.get("split") != "train")
+
+        kept = [r for r in records if keep(r)]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        return len(records) - len(kept)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(previous: TrainConfig, current: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """``{dotted field: (previous, current)}`` for every field that differs."""
+    a, b = _flatten(to_dict(previous)), _flatten(to_dict(current))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_resume(previous: TrainConfig, current: TrainConfig, workdir: Path, allowed: Iterable[str] = ()) -> None:
+    """Raises :class:`ConfigError` if ``current`` changes a field that a resumed run must keep (anything outside
+    :data:`RESUMABLE_CHANGES` and ``allowed`` prefixes), listing the differences."""
+    allowed = tuple(allowed)
+    refused = {
+        k: v
+        for k, v in config_changes(previous, current).items()
+        if k not in RESUMABLE_CHANGES and not k.startswith(allowed or ("\0",))
+    }
+    if refused:
+        listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(
+            f"{workdir} holds a run with other settings ({listed}); rerun with its settings to resume "
+            f"(see {workdir / 'config.json'}), or start a new run with another --workdir"
+        )
