@@ -14,6 +14,7 @@ from flax import nnx
 
 from capsjax.checkpoint import Checkpoints
 from capsjax.config import ConfigError, TrainConfig, load_config
+from capsjax.data.pipeline import padded_batches
 from capsjax.model import CapsNetOutput
 from capsjax.steps import MAX_IN_FLIGHT, Steps, default_mesh, init_state, make_steps, wait_for_queue
 
@@ -23,27 +24,6 @@ def global_batch(sharding, local: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, local)
 
 
-def _padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int):
-    """Yields (mask, *arrays) per global batch; the last batch is zero-padded and masked out.
-
-    In a multi-host run each process yields its own contiguous part of every global batch.
-    """
-    count, index = jax.process_count(), jax.process_index()
-    local = batch_size // count
-    n = len(arrays[0])
-    for start in range(0, n, batch_size):
-        valid = min(batch_size, n - start)
-        mask = np.zeros(batch_size, np.int32)
-        mask[:valid] = 1
-        padded = []
-        for a in arrays:
-            chunk = a[start : start + valid]
-            if valid < batch_size:
-                chunk = np.concatenate([chunk, np.zeros((batch_size - valid, *a.shape[1:]), a.dtype)])
-            padded.append(chunk)
-        yield tuple(x[index * local : (index + 1) * local] for x in (mask, *padded))
-
-
 def evaluate_arrays(
     steps: Steps, params: Any, images: np.ndarray, labels: np.ndarray, batch_size: int
 ) -> dict[str, Any]:
@@ -51,7 +31,7 @@ def evaluate_arrays(
     ``images`` [N, H, W, C] (uint8 or float in [0, 1]) and ``labels`` [N], decoding the predicted class."""
     sharding = steps.data_sharding
     totals, dispatched = None, []
-    for mask, x, y in _padded_batches((images, labels.astype(np.int32)), batch_size):
+    for mask, x, y in padded_batches((images, labels.astype(np.int32)), batch_size):
         sums = steps.evaluate(params, global_batch(sharding, x), global_batch(sharding, y), global_batch(sharding, mask))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         dispatched = [*dispatched[-MAX_IN_FLIGHT:], totals]
@@ -130,7 +110,7 @@ def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 100) ->
         raise ValueError(f"images must be [N, {', '.join(map(str, expected))}], got {images.shape}")
     batch_size -= batch_size % run.steps.mesh.size
     outputs = []
-    for mask, x in _padded_batches((images,), batch_size):
+    for mask, x in padded_batches((images,), batch_size):
         out = run.steps.predict(run.params, global_batch(run.steps.data_sharding, x))
         out = jax.device_get(out)
         valid = int(mask.sum())
