@@ -406,7 +406,7 @@ def test_synthetic_is_deterministic_and_class_recoverable():
     # a nearest-class-mean classifier fit on the train split recovers the test labels
     train_x, train_y = datalib.load("synthetic", "train")
     test_x, test_y = datalib.load("synthetic", "test")
-    assert len(train_x) == datalib.SYNTHETIC_SIZES["train"] and len(test_x) == datalib.SYNTHETIC_SIZES["test"]
+    assert len(train_x) == registry.SYNTHETIC_SIZES["train"] and len(test_x) == registry.SYNTHETIC_SIZES["test"]
     flat = train_x.reshape(len(train_x), -1).astype(np.float32)
     means = np.stack([flat[train_y == k].mean(0) for k in range(10)])
     test_flat = test_x.reshape(len(test_x), -1).astype(np.float32)

@@ -27,7 +27,7 @@ from capsjax.data.errors import DATA_ENV, DataError
 from capsjax.data.formats import read_idx, write_idx
 from capsjax.data.multimnist import multimnist_batches, two_hot
 from capsjax.data.pipeline import batches, local_slice, num_batches, padded_batches, prefetch_to_device
-from capsjax.data.registry import DATASETS, SPLITS, SYNTHETIC_SIZES, load
+from capsjax.data.registry import DATASETS, SPLITS, load
 from capsjax.data.synthetic import load_synthetic
 
 __all__ = [
@@ -35,7 +35,6 @@ __all__ = [
     "DATA_ENV",
     "DATASETS",
     "SPLITS",
-    "SYNTHETIC_SIZES",
     "load",
     "load_synthetic",
     "read_idx",

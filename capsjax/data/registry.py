@@ -22,33 +22,32 @@ CACHE_DIR = Path("~/.cache/capsjax")
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """What :func:`load` knows about a dataset: its TFDS name, local file format, classes and image shape."""
+    """What :func:`load` knows about a dataset: its TFDS name, local file format and number of classes."""
 
     tfds_name: str
     local_format: str  # "idx", "cifar10_bin", "svhn_mat" or "synthetic"
     num_classes: int
-    image_shape: tuple[int, int, int]
     idx_prefix: str = ""  # EMNIST's IDX files are named "emnist-<config>-train-images-idx3-ubyte.gz"
     transpose: bool = False  # EMNIST's IDX images are stored transposed
 
 
 def _emnist(config: str, num_classes: int) -> DatasetSpec:
-    return DatasetSpec(f"emnist/{config}", "idx", num_classes, (28, 28, 1), f"emnist-{config}-", transpose=True)
+    return DatasetSpec(f"emnist/{config}", "idx", num_classes, f"emnist-{config}-", transpose=True)
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec("mnist", "idx", 10, (28, 28, 1)),
-    "fashion_mnist": DatasetSpec("fashion_mnist", "idx", 10, (28, 28, 1)),
-    "kmnist": DatasetSpec("kmnist", "idx", 10, (28, 28, 1)),
+    "mnist": DatasetSpec("mnist", "idx", 10),
+    "fashion_mnist": DatasetSpec("fashion_mnist", "idx", 10),
+    "kmnist": DatasetSpec("kmnist", "idx", 10),
     "emnist/byclass": _emnist("byclass", 62),
     "emnist/bymerge": _emnist("bymerge", 47),
     "emnist/balanced": _emnist("balanced", 47),
     "emnist/letters": _emnist("letters", 27),  # labels 1..26 (a..z); 0 is unused
     "emnist/digits": _emnist("digits", 10),
     "emnist/mnist": _emnist("mnist", 10),
-    "cifar10": DatasetSpec("cifar10", "cifar10_bin", 10, (32, 32, 3)),
-    "svhn_cropped": DatasetSpec("svhn_cropped", "svhn_mat", 10, (32, 32, 3)),
-    "synthetic": DatasetSpec("", "synthetic", 10, (28, 28, 1)),
+    "cifar10": DatasetSpec("cifar10", "cifar10_bin", 10),
+    "svhn_cropped": DatasetSpec("svhn_cropped", "svhn_mat", 10),
+    "synthetic": DatasetSpec("", "synthetic", 10),
 }
 """The dataset names :func:`load` accepts."""
 
