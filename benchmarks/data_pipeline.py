@@ -5,12 +5,22 @@ Loads MNIST from ``--data-dir`` (default: ``../shared/data/mnist`` beside the re
 
 - ``batches_ms``: :func:`capsjax.data.batches` on the host (an epoch's seeded order, one gather per batch);
 - ``prefetch_ms``: the same batches through :func:`capsjax.data.prefetch_to_device` (host batch + transfer);
+- ``padded_ms``: :func:`capsjax.data.padded_batches` (evaluation's batches: in order, the last one zero-padded);
 - ``random_shift_ms``: the jitted ``random_shift(key, uint8 batch, 2)`` on the default device (after compilation);
 - ``multimnist_ms``: :func:`capsjax.data.multimnist_batches` on the host (36x36 pairs, two-hot labels, both digits).
 
+With ``--grain`` (needs ``pip install grain``; not a capsjax dependency) the same epoch order is also timed through
+Grain's ``MapDataset``, the loader of the current Flax examples:
+
+- ``grain_per_example_ms``: ``MapDataset.source(examples).shuffle(seed).batch(B)`` (one ``(image, label)`` read per
+  example, then stacked), read by batch index;
+- ``grain_index_batches_ms``: ``MapDataset.range(N).shuffle(seed).batch(B).map(gather)`` (one gather per batch, the
+  fastest Grain equivalent of ``batches_ms``);
+- ``grain_prefetch_ms``: the latter through ``grain.experimental.device_put`` (its thread prefetch + transfer).
+
 Each figure is the median over ``--repeats`` windows. Prints one JSON line.
 
-    python benchmarks/data_pipeline.py
+    python benchmarks/data_pipeline.py [--grain]
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=100, help="batches per timed window")
     parser.add_argument("--repeats", type=int, default=5, help="timed windows; the median is reported")
+    parser.add_argument("--grain", action="store_true", help="also time Grain's equivalents (pip install grain)")
     return parser.parse_args(argv)
 
 
@@ -83,6 +94,12 @@ def main(argv=None) -> dict:
     prefetch_window()  # warm-up
     prefetch_ms = _median_ms(prefetch_window, args.repeats, k)
 
+    def padded_window():
+        for _ in itertools.islice(datalib.padded_batches((images, labels), bs), k):
+            pass
+
+    padded_ms = _median_ms(padded_window, args.repeats, k)
+
     shift = jax.jit(datalib.random_shift, static_argnums=2)
     batch = jax.device_put(jnp.asarray(images[:bs]))
     keys = jax.random.split(jax.random.key(0), k)
@@ -111,14 +128,60 @@ def main(argv=None) -> dict:
         "batches_ms": batches_ms,
         "prefetch_ms": prefetch_ms,
         "random_shift_ms": shift_ms,
+        "padded_ms": padded_ms,
         "multimnist_ms": multi_ms,
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.devices()[0].platform,
         "jax": jax.__version__,
         "numpy": np.__version__,
     }
+    if args.grain:
+        result.update(_grain_figures(images, labels, bs, k, args.repeats))
     print(json.dumps(result))
     return result
+
+
+def _grain_figures(images, labels, bs: int, k: int, repeats: int) -> dict:
+    """Grain's equivalents of ``batches_ms`` and ``prefetch_ms`` (see the module docstring)."""
+    import itertools
+
+    import grain
+    import jax
+
+    class Examples:
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return images[i], labels[i]
+
+    per_example = grain.MapDataset.source(Examples()).shuffle(seed=0).batch(bs, drop_remainder=True)
+    by_index = (
+        grain.MapDataset.range(len(images)).shuffle(seed=0).batch(bs, drop_remainder=True)
+        .map(lambda idx: (images[idx], labels[idx]))
+    )  # fmt: skip
+
+    def read(dataset):
+        def window():
+            for b in range(k):
+                dataset[b]
+
+        window()  # warm-up
+        return _median_ms(window, repeats, k)
+
+    def prefetch_window():
+        last = None
+        on_device = grain.experimental.device_put(by_index.to_iter_dataset(), jax.devices()[0])
+        for last in itertools.islice(iter(on_device), k):
+            pass
+        jax.block_until_ready(last)
+
+    prefetch_window()  # warm-up
+    return {
+        "grain_per_example_ms": read(per_example),
+        "grain_index_batches_ms": read(by_index),
+        "grain_prefetch_ms": _median_ms(prefetch_window, repeats, k),
+    }
 
 
 if __name__ == "__main__":

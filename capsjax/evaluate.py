@@ -14,6 +14,7 @@ from flax import nnx
 
 from capsjax.checkpoint import CheckpointError, Checkpoints
 from capsjax.config import ConfigError, TrainConfig, load_config
+from capsjax.data.pipeline import padded_batches
 from capsjax.model import CapsNetOutput
 from capsjax.steps import MAX_IN_FLIGHT, Steps, default_mesh, init_state, make_steps, wait_for_queue
 
@@ -21,27 +22,6 @@ from capsjax.steps import MAX_IN_FLIGHT, Steps, default_mesh, init_state, make_s
 def global_batch(sharding, local: np.ndarray) -> jax.Array:
     """This process's slice of a global batch -> one global array sharded along ``data``."""
     return jax.make_array_from_process_local_data(sharding, local)
-
-
-def _padded_batches(arrays: tuple[np.ndarray, ...], batch_size: int):
-    """Yields (mask, *arrays) per global batch; the last batch is zero-padded and masked out.
-
-    In a multi-host run each process yields its own contiguous part of every global batch.
-    """
-    count, index = jax.process_count(), jax.process_index()
-    local = batch_size // count
-    n = len(arrays[0])
-    for start in range(0, n, batch_size):
-        valid = min(batch_size, n - start)
-        mask = np.zeros(batch_size, np.int32)
-        mask[:valid] = 1
-        padded = []
-        for a in arrays:
-            chunk = a[start : start + valid]
-            if valid < batch_size:
-                chunk = np.concatenate([chunk, np.zeros((batch_size - valid, *a.shape[1:]), a.dtype)])
-            padded.append(chunk)
-        yield tuple(x[index * local : (index + 1) * local] for x in (mask, *padded))
 
 
 class StopRequested(Exception):
@@ -62,7 +42,7 @@ def evaluate_arrays(
     ``should_stop()`` is polled between batches; raises :class:`StopRequested` when it returns True."""
     sharding = steps.data_sharding
     totals, dispatched = None, []
-    for mask, x, y in _padded_batches((images, labels.astype(np.int32)), batch_size):
+    for mask, x, y in padded_batches((images, labels.astype(np.int32)), batch_size):
         if should_stop is not None and should_stop():
             raise StopRequested
         sums = steps.evaluate(params, global_batch(sharding, x), global_batch(sharding, y), global_batch(sharding, mask))
@@ -163,7 +143,7 @@ def predict_arrays(steps: Steps, params: Any, images: np.ndarray, batch_size: in
     """:func:`predict` for compiled ``steps`` and ``params``: ``images`` [N, H, W, C], uint8 or float in [0, 1]."""
     batch_size = max(batch_size - batch_size % steps.mesh.size, steps.mesh.size)
     outputs = []
-    for mask, x in _padded_batches((images,), batch_size):
+    for mask, x in padded_batches((images,), batch_size):
         out = jax.device_get(steps.predict(params, global_batch(steps.data_sharding, x)))
         valid = int(mask.sum())
         outputs.append(jax.tree.map(lambda a: a[:valid], out))

@@ -163,7 +163,7 @@ def make_steps(
     mesh = mesh or default_mesh()
     tx = make_optimizer(optim_config)
     if augment is None and max_shift > 0:
-        from capsjax.data import random_shift
+        from capsjax.data.augment import random_shift
 
         def augment(key, images):
             return random_shift(key, images, max_shift)

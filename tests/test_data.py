@@ -1,22 +1,21 @@
-"""The data module: file formats and their failure modes, TFDS conversion, batching, augmentation, MultiMNIST."""
+"""Loading datasets: the registry and its directories, file formats and their failure modes, TFDS, synthetic data.
+
+The input pipeline, augmentation and MultiMNIST are tested in test_data_pipeline.py."""
 
 import gzip
 import importlib.util
 import os
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from capsjax import data as datalib
-from capsjax.data import DataError
+from capsjax.data import DataError, registry
+from capsjax.data import tfds as tfds_source
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_DIR = Path(os.environ.get("CAPSJAX_MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
@@ -32,7 +31,7 @@ def _no_default_data(tmp_path_factory, monkeypatch):
     empty = tmp_path_factory.mktemp("no_default_data")
     monkeypatch.setenv(datalib.DATA_ENV, str(empty / "env"))
     monkeypatch.setenv("TFDS_DATA_DIR", str(empty / "tfds"))
-    monkeypatch.setattr(datalib, "CACHE_DIR", empty / "cache")
+    monkeypatch.setattr(registry, "CACHE_DIR", empty / "cache")
 
 
 def _tiny_arrays(seed=0):
@@ -78,24 +77,6 @@ def test_idx_round_trip(tmp_path, ext, sep):
         np.testing.assert_array_equal(labels, arrays[stem][1])
         assert images.flags.writeable
     assert _listing(tmp_path) == before, "load() must not write into the data directory"
-
-
-def test_validation_split_is_the_last_examples_of_train(tmp_path, monkeypatch):
-    _write_idx_dir(tmp_path)
-    monkeypatch.setattr(datalib, "VALIDATION_SIZE", 5)
-    train = datalib.load("mnist", "train", tmp_path)
-    val = datalib.load("mnist", "validation", tmp_path)
-    rest = datalib.load("mnist", "train_no_validation", tmp_path)
-    assert len(val[0]) == 5 and len(rest[0]) == N_TRAIN - 5
-    for full, a, b in zip(train, rest, val):
-        np.testing.assert_array_equal(np.concatenate([a, b]), full)
-        np.testing.assert_array_equal(b, full[-5:])
-
-
-def test_validation_needs_enough_training_examples(tmp_path):
-    _write_idx_dir(tmp_path)
-    with pytest.raises(DataError, match="too few"):
-        datalib.load("mnist", "validation", tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -201,18 +182,20 @@ def test_unknown_dataset(name):
     assert repr(name) in str(info.value) and "fashion_mnist" in str(info.value)
 
 
-def test_unknown_split(tmp_path):
+@pytest.mark.parametrize("split", ["valid", "validation"])
+def test_unknown_split(tmp_path, split):
+    """Only the original splits: the trainer holds its validation examples out of "train" itself."""
     _write_idx_dir(tmp_path)
-    with pytest.raises(DataError, match="unknown split 'valid'") as info:
-        datalib.load("mnist", "valid", tmp_path)
-    assert all(s in str(info.value) for s in datalib.SPLITS)
+    with pytest.raises(DataError, match=f"unknown split '{split}'") as info:
+        datalib.load("mnist", split, tmp_path)
+    assert datalib.SPLITS == ("train", "test") and all(s in str(info.value) for s in datalib.SPLITS)
 
 
 def test_default_directories_in_order(tmp_path, monkeypatch):
     env_root, cache_root = tmp_path / "env", tmp_path / "cache"
     cache = _write_idx_dir(cache_root / "fashion_mnist", _tiny_arrays(seed=1))
     monkeypatch.setenv(datalib.DATA_ENV, str(env_root))
-    monkeypatch.setattr(datalib, "CACHE_DIR", cache_root)
+    monkeypatch.setattr(registry, "CACHE_DIR", cache_root)
     np.testing.assert_array_equal(datalib.load("fashion_mnist", "test")[1], cache["t10k"][1])
     env = _write_idx_dir(env_root / "fashion_mnist", _tiny_arrays(seed=2))
     np.testing.assert_array_equal(datalib.load("fashion_mnist", "test")[1], env["t10k"][1])
@@ -302,11 +285,11 @@ def test_tfds_source_conversion(monkeypatch):
     labels = rng.integers(0, 10, 2100)
     calls = []
 
-    def fake_source(name, tfds_name, split):
+    def fake_source(name, tfds_name, split, searched):
         calls.append((name, tfds_name, split))
         return _FakeSource(images, labels)
 
-    monkeypatch.setattr(datalib, "_tfds_source", fake_source)
+    monkeypatch.setattr(tfds_source, "data_source", fake_source)
     x, y = datalib.load("emnist/mnist", "test")
     assert calls == [("emnist/mnist", "emnist/mnist", "test")]
     assert x.shape == (2100, 28, 28, 1) and x.dtype == np.uint8 and y.dtype == np.int32
@@ -327,7 +310,7 @@ def tfds():
 @pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
 def test_tfds_mock_data(tfds, monkeypatch, name, shape):
     """TFDS's own mock (random examples, no files, no network) through our TFDS path: builder, data source, decode."""
-    monkeypatch.setattr(datalib, "_network_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(tfds_source, "network_reachable", lambda *a, **k: True)
     with tfds.testing.mock_data(num_examples=9):
         images, labels = datalib.load(name, "train")
     assert images.shape == (9, *shape) and images.dtype == np.uint8
@@ -336,7 +319,7 @@ def test_tfds_mock_data(tfds, monkeypatch, name, shape):
 
 
 def test_tfds_fails_fast_without_network(tfds, monkeypatch):
-    monkeypatch.setattr(datalib, "_network_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(tfds_source, "network_reachable", lambda *a, **k: False)
     start = time.perf_counter()
     with tfds.testing.mock_data(num_examples=3), pytest.raises(DataError) as info:
         datalib.load("mnist", "test")
@@ -353,11 +336,11 @@ def test_network_probe_on_localhost(monkeypatch):
     server.listen(1)
     port = server.getsockname()[1]
     try:
-        assert datalib._network_reachable(("127.0.0.1", port), timeout=2.0)
+        assert tfds_source.network_reachable(("127.0.0.1", port), timeout=2.0)
     finally:
         server.close()
     start = time.perf_counter()
-    assert not datalib._network_reachable(("127.0.0.1", port), timeout=2.0)  # closed now: refused
+    assert not tfds_source.network_reachable(("127.0.0.1", port), timeout=2.0)  # closed now: refused
     assert time.perf_counter() - start < 3
 
 
@@ -379,7 +362,7 @@ def test_tfds_prepare_without_tensorflow_says_so(tfds, tmp_path, monkeypatch):
     _write_idx_dir(tmp_path / "raw", ext="")
     _fake_downloads(tfds, monkeypatch, tmp_path / "raw")
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
-    monkeypatch.setattr(datalib, "_network_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(tfds_source, "network_reachable", lambda *a, **k: True)
     with pytest.raises(DataError, match="needs TensorFlow") as info:
         datalib.load("mnist", "test")
     assert "pip install tensorflow-cpu" in str(info.value) and "--data-dir" in str(info.value)
@@ -397,12 +380,12 @@ def test_tfds_real_prepare_from_local_files(tfds, tmp_path, monkeypatch):
         (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
     _fake_downloads(tfds, monkeypatch, raw)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
-    monkeypatch.setattr(datalib, "_network_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(tfds_source, "network_reachable", lambda *a, **k: True)
     images, labels = datalib.load("mnist", "test")
     assert images.shape == (10000, 28, 28, 1) and images.dtype == np.uint8
     np.testing.assert_array_equal(np.bincount(labels, minlength=10), MNIST_TEST_COUNTS)
     # now prepared: read again with the network "down"
-    monkeypatch.setattr(datalib, "_network_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(tfds_source, "network_reachable", lambda *a, **k: False)
     assert len(datalib.load("mnist", "test")[0]) == 10000
     assert (tmp_path / "tfds" / "mnist").is_dir()
 
@@ -423,7 +406,7 @@ def test_synthetic_is_deterministic_and_class_recoverable():
     # a nearest-class-mean classifier fit on the train split recovers the test labels
     train_x, train_y = datalib.load("synthetic", "train")
     test_x, test_y = datalib.load("synthetic", "test")
-    assert len(train_x) == datalib.SYNTHETIC_SIZES["train"] and len(test_x) == datalib.SYNTHETIC_SIZES["test"]
+    assert len(train_x) == registry.SYNTHETIC_SIZES["train"] and len(test_x) == registry.SYNTHETIC_SIZES["test"]
     flat = train_x.reshape(len(train_x), -1).astype(np.float32)
     means = np.stack([flat[train_y == k].mean(0) for k in range(10)])
     test_flat = test_x.reshape(len(test_x), -1).astype(np.float32)
@@ -434,278 +417,6 @@ def test_synthetic_is_deterministic_and_class_recoverable():
 def test_synthetic_other_shapes():
     x, y = datalib.load_synthetic(20, image_shape=(32, 24, 3), num_classes=4, seed=0)
     assert x.shape == (20, 32, 24, 3) and y.max() < 4 and x.max() > 100
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Batching and prefetching
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _indexed(n):
-    """Images whose first pixel is their index (mod 256) and labels equal to their index."""
-    images = np.zeros((n, 4, 4, 1), np.uint8)
-    images[:, 0, 0, 0] = np.arange(n) % 256
-    return images, np.arange(n, dtype=np.int32)
-
-
-def test_batches_cover_each_example_once_and_order_depends_on_seed_and_epoch():
-    images, labels = _indexed(103)
-    seen = [y for _, y in datalib.batches(images, labels, 10, seed=1, epoch=0, drop_remainder=False)]
-    assert [len(s) for s in seen] == [10] * 10 + [3]
-    order = np.concatenate(seen)
-    np.testing.assert_array_equal(np.sort(order), np.arange(103))
-    assert not np.array_equal(order, np.arange(103))
-    np.testing.assert_array_equal(order, np.random.default_rng([1, 0]).permutation(103))
-    for x, y in datalib.batches(images, labels, 10, seed=1, epoch=0):
-        assert x.dtype == np.uint8 and y.dtype == np.int32 and x.shape == (10, 4, 4, 1)
-        np.testing.assert_array_equal(x[:, 0, 0, 0], y % 256)
-    again = np.concatenate([y for _, y in datalib.batches(images, labels, 10, seed=1, epoch=0, drop_remainder=False)])
-    other_epoch = np.concatenate([y for _, y in datalib.batches(images, labels, 10, seed=1, epoch=1)])
-    other_seed = np.concatenate([y for _, y in datalib.batches(images, labels, 10, seed=2, epoch=0)])
-    np.testing.assert_array_equal(again, order)
-    assert not np.array_equal(other_epoch, order[:100]) and not np.array_equal(other_seed, order[:100])
-    assert len(list(datalib.batches(images, labels, 10, seed=1, epoch=0))) == 10 == datalib.num_batches(103, 10)
-    assert datalib.num_batches(103, 10, drop_remainder=False) == 11
-    unshuffled = np.concatenate([y for _, y in datalib.batches(images, labels, 10, seed=1, epoch=0, shuffle=False)])
-    np.testing.assert_array_equal(unshuffled, np.arange(100))
-
-
-@pytest.mark.parametrize("count", [2, 4])
-@pytest.mark.parametrize("drop_remainder", [True, False])
-def test_batches_per_process_slices_make_the_global_batch(count, drop_remainder):
-    images, labels = _indexed(50)
-    kwargs = {"seed": 0, "epoch": 3, "drop_remainder": drop_remainder}
-    whole = list(datalib.batches(images, labels, 8, process_index=0, process_count=1, **kwargs))
-    parts = [
-        list(datalib.batches(images, labels, 8, process_index=i, process_count=count, **kwargs)) for i in range(count)
-    ]
-    assert all(len(p) == len(whole) for p in parts)
-    for step, (_, y) in enumerate(whole):
-        local = [parts[i][step][1] for i in range(count)]
-        if len(y) == 8:
-            assert all(len(part) == 8 // count for part in local)
-        np.testing.assert_array_equal(np.concatenate(local), y)
-
-
-def test_batches_reject_bad_arguments():
-    images, labels = _indexed(10)
-    with pytest.raises(ValueError, match="multiple of process_count"):
-        next(datalib.batches(images, labels, 6, seed=0, epoch=0, process_index=0, process_count=4))
-    with pytest.raises(ValueError, match="labels"):
-        next(datalib.batches(images, labels[:9], 2, seed=0, epoch=0))
-
-
-def test_prefetch_to_device_keeps_order_and_values():
-    images, labels = _indexed(40)
-    host = list(datalib.batches(images, labels, 8, seed=0, epoch=0))
-    out = list(datalib.prefetch_to_device(iter(host), size=2))
-    assert len(out) == len(host)
-    for (x, y), (dx, dy) in zip(host, out):
-        assert isinstance(dx, jax.Array) and dx.dtype == jnp.uint8
-        np.testing.assert_array_equal(np.asarray(dx), x)
-        np.testing.assert_array_equal(np.asarray(dy), y)
-
-
-def test_prefetch_to_device_with_a_sharding():
-    devices = jax.devices()
-    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
-    sharding = NamedSharding(mesh, P("data"))
-    images, labels = _indexed(8 * len(devices) * 3)
-    host = list(datalib.batches(images, labels, 8 * len(devices), seed=0, epoch=0))
-    out = list(datalib.prefetch_to_device(iter(host), sharding=sharding))
-    for (x, y), (dx, dy) in zip(host, out):
-        assert dx.sharding.is_equivalent_to(sharding, 4) and dy.sharding.is_equivalent_to(sharding, 1)
-        np.testing.assert_array_equal(np.asarray(dx), x)
-        np.testing.assert_array_equal(np.asarray(dy), y)
-
-
-def test_prefetch_to_device_raises_producer_errors_and_stops_early():
-    def failing():
-        yield np.zeros(3)
-        raise RuntimeError("broken reader")
-
-    stream = datalib.prefetch_to_device(failing())
-    assert np.asarray(next(stream)).shape == (3,)
-    with pytest.raises(RuntimeError, match="broken reader"):
-        next(stream)
-
-    produced = []
-
-    def endless():
-        i = 0
-        while True:
-            produced.append(i)
-            yield np.full(2, i)
-            i += 1
-
-    stream = datalib.prefetch_to_device(endless(), size=2)
-    assert int(next(stream)[0]) == 0
-    stream.close()
-    assert not any(t.name == "capsjax-prefetch" and t.is_alive() for t in threading.enumerate())
-    assert len(produced) <= 5  # it ran at most `size` (+ the one in hand) ahead
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# On-device preprocessing
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _numpy_shift(image, dy, dx):
-    """np.roll, with what wraps around zeroed."""
-    out = np.roll(image, (dy, dx), axis=(0, 1))
-    if dy > 0:
-        out[:dy] = 0
-    elif dy < 0:
-        out[dy:] = 0
-    if dx > 0:
-        out[:, :dx] = 0
-    elif dx < 0:
-        out[:, dx:] = 0
-    return out
-
-
-def test_shift_images_matches_numpy_reference():
-    offsets = np.array([(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)] + [(4, -3), (6, 0), (-7, 9)], np.int32)
-    images = np.random.default_rng(0).integers(1, 256, (len(offsets), 6, 5, 2), dtype=np.uint8)
-    got = np.asarray(jax.jit(datalib.shift_images)(images, offsets))
-    assert got.dtype == np.uint8
-    for image, out, (dy, dx) in zip(images, got, offsets):
-        np.testing.assert_array_equal(out, _numpy_shift(image, dy, dx))
-    # the doc's example: content moves down by dy and right by dx
-    one = np.zeros((1, 5, 5, 1), np.float32)
-    one[0, 2, 2, 0] = 1
-    moved = np.asarray(datalib.shift_images(one, np.array([[1, -2]])))
-    assert moved[0, 3, 0, 0] == 1 and moved.sum() == 1
-
-
-def _centred_blob(batch=64, size=28):
-    y, x = np.mgrid[0:size, 0:size] - (size - 1) / 2
-    blob = np.where(np.hypot(y, x) <= size / 4, np.exp(-(y**2 + x**2) / 30), 0).astype(np.float32)
-    return np.broadcast_to(blob[None, :, :, None], (batch, size, size, 1)).copy()
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
-def test_random_shift_properties(dtype):
-    images = (_centred_blob() * (255 if dtype == np.uint8 else 1)).astype(dtype)
-    shift = jax.jit(datalib.random_shift, static_argnums=2)
-    a = shift(jax.random.key(0), images, 2)
-    assert a.shape == images.shape and a.dtype == images.dtype
-    np.testing.assert_array_equal(a, shift(jax.random.key(0), images, 2))  # same key, same shifts
-    assert not np.array_equal(a, shift(jax.random.key(1), images, 2))  # other key, other shifts
-    assert not np.array_equal(a, images)
-    # the blob stays inside: every image keeps its pixel mass exactly (integer shifts move, never resample)
-    np.testing.assert_allclose(np.asarray(a, np.float64).sum((1, 2, 3)), np.asarray(images, np.float64).sum((1, 2, 3)))
-    assert len({np.asarray(img).tobytes() for img in a}) > 10  # each image has its own shift
-    np.testing.assert_array_equal(datalib.random_shift(jax.random.key(0), images, 0), images)
-
-
-def test_random_shift_offsets_are_uniform_over_the_square():
-    n = 5000
-    images = np.zeros((n, 9, 9, 1), np.float32)
-    images[:, 4, 4, 0] = 1
-    out = np.asarray(datalib.random_shift(jax.random.key(42), images, 2))
-    flat = out[..., 0].reshape(n, -1)
-    assert (flat.sum(1) == 1).all()
-    ys, xs = np.divmod(flat.argmax(1), 9)
-    counts = np.zeros((5, 5), int)
-    np.add.at(counts, (ys - 4 + 2, xs - 4 + 2), 1)
-    expected = n / 25
-    assert counts.min() > expected - 5 * np.sqrt(expected) and counts.max() < expected + 5 * np.sqrt(expected), counts
-
-
-@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto])
-def test_random_shift_sharded_equals_unsharded(axis_type):
-    devices = jax.devices()
-    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(axis_type,), devices=devices)
-    images = np.random.default_rng(0).random((8 * len(devices), 28, 28, 1), np.float32)
-    key = jax.random.key(5)
-    expected = jax.jit(datalib.random_shift, static_argnums=2)(key, images, 2)
-    sharded = jax.device_put(images, NamedSharding(mesh, P("data")))
-    got = jax.jit(datalib.random_shift, static_argnums=2)(key, sharded, 2)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
-
-
-def test_to_float():
-    x = np.array([0, 1, 128, 255], np.uint8)
-    y = datalib.to_float(x)
-    assert y.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(y), x / 255.0, rtol=1e-6)
-    assert float(y[-1]) == 1.0 and float(y[0]) == 0.0
-    assert datalib.to_float(np.array([0.5], np.float64)).dtype == jnp.float32
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# MultiMNIST
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def test_multimnist_batches():
-    images, labels = datalib.load_synthetic(300, seed=0)
-    images[:, 0, 0, 0] = 1  # a marker pixel (corner of the digit) that reveals each digit's placement
-    stream = datalib.multimnist_batches(images, labels, 32, seed=0, epoch=0)
-    batches = list(stream)
-    assert len(batches) == 300 // 32
-    for batch in batches:
-        merged, two, classes, digits = batch["images"], batch["labels"], batch["classes"], batch["digits"]
-        assert merged.shape == (32, 36, 36, 1) and merged.dtype == np.uint8
-        assert digits.shape == (32, 2, 36, 36, 1) and digits.dtype == np.uint8
-        assert two.shape == (32, 10) and classes.shape == (32, 2) and classes.dtype == np.int32
-        assert (classes[:, 0] != classes[:, 1]).all()
-        np.testing.assert_array_equal(two.sum(1), 2)
-        np.testing.assert_array_equal(np.take_along_axis(two, classes, axis=1), 1)
-        np.testing.assert_array_equal(merged, digits.max(axis=1))
-        for b in range(32):
-            for k in range(2):
-                canvas = digits[b, k, ..., 0]
-                ys, xs = np.nonzero(canvas)
-                top, left = ys.min(), xs.min()  # the marker pixel is the digit's top-left corner
-                assert 0 <= top <= 8 and 0 <= left <= 8  # centred (4) +- 4
-                crop = canvas[top : top + 28, left : left + 28]
-                matches = np.nonzero((images[..., 0] == crop).all((1, 2)))[0]
-                assert len(matches) >= 1 and labels[matches[0]] == classes[b, k]
-                assert canvas.sum() == crop.sum()  # nothing else on the canvas
-    again = list(datalib.multimnist_batches(images, labels, 32, seed=0, epoch=0))
-    other = next(datalib.multimnist_batches(images, labels, 32, seed=0, epoch=1))
-    for a, b in zip(batches, again):
-        np.testing.assert_array_equal(a["images"], b["images"])
-    assert not np.array_equal(other["images"], batches[0]["images"])
-
-
-def test_multimnist_first_digits_cover_the_set_and_shifts_span_the_range():
-    images = np.zeros((64, 28, 28, 1), np.uint8)
-    images[:, 0, 0, 0] = np.arange(64) + 1  # each digit is one pixel, valued by its index
-    labels = np.arange(64) % 10
-    firsts, tops = [], []
-    for batch in datalib.multimnist_batches(images, labels, 16, seed=3, epoch=0, drop_remainder=False):
-        for canvas in batch["digits"][:, 0, ..., 0]:
-            firsts.append(canvas.max() - 1)
-            tops.append(np.argwhere(canvas)[0][0])
-    np.testing.assert_array_equal(np.sort(firsts), np.arange(64))
-    assert set(tops) == set(range(9))  # 4 +- 4
-
-
-def test_multimnist_process_slices():
-    images, labels = datalib.load_synthetic(100, seed=1)
-    whole = list(datalib.multimnist_batches(images, labels, 8, seed=0, epoch=2, process_index=0, process_count=1))
-    halves = [
-        list(datalib.multimnist_batches(images, labels, 8, seed=0, epoch=2, process_index=i, process_count=2))
-        for i in range(2)
-    ]
-    for step, batch in enumerate(whole):
-        for key in batch:
-            np.testing.assert_array_equal(np.concatenate([halves[0][step][key], halves[1][step][key]]), batch[key])
-
-
-def test_multimnist_rejects_a_small_canvas_and_one_class():
-    images, labels = datalib.load_synthetic(20)
-    with pytest.raises(ValueError, match="canvas"):
-        next(datalib.multimnist_batches(images, labels, 4, seed=0, epoch=0, canvas=32, max_shift=4))
-    with pytest.raises(ValueError, match="two classes"):
-        next(datalib.multimnist_batches(images, np.zeros_like(labels), 4, seed=0, epoch=0))
-
-
-def test_two_hot():
-    np.testing.assert_array_equal(datalib.two_hot(np.array([[1, 3], [0, 2]]), 4), [[0, 1, 0, 1], [1, 0, 1, 0]])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -724,9 +435,6 @@ def test_real_mnist():
     tx, ty = datalib.load("mnist", "test", MNIST_DIR)
     assert tx.shape == (10000, 28, 28, 1)
     np.testing.assert_array_equal(np.bincount(ty, minlength=10), MNIST_TEST_COUNTS)
-    _, val_y = datalib.load("mnist", "validation", MNIST_DIR)
-    np.testing.assert_array_equal(val_y, y[-5000:])
-    assert len(datalib.load("mnist", "train_no_validation", MNIST_DIR)[0]) == 55000
     assert _listing(MNIST_DIR) == before
 
 

@@ -1,0 +1,51 @@
+"""Datasets and the input pipeline.
+
+Sources, tried in this order by :func:`load`:
+
+1. a local directory: ``data_dir`` if given, else ``$CAPSJAX_DATA/<name>``, else ``~/.cache/capsjax/<name>``. It holds
+   the original distribution files: IDX (``train-images-idx3-ubyte[.gz]`` ...) for the MNIST family, the binary
+   version (``data_batch_1.bin`` ...) for CIFAR-10, ``train_32x32.mat`` / ``test_32x32.mat`` for SVHN. Nothing is
+   ever written into it. This path needs no network and no TensorFlow.
+2. TensorFlow Datasets (the ``tfds`` extra), in ``$TFDS_DATA_DIR`` (default ``~/tensorflow_datasets``), read through
+   its ArrayRecord data source. Preparing a dataset the first time downloads it (and TFDS needs TensorFlow for that
+   step); reading an already prepared one does not.
+
+``"synthetic"`` needs neither: deterministic generated images whose class is recoverable, for tests and benchmarks.
+
+Every problem with the inputs raises :class:`DataError`, whose message names the file or dataset and says what to do.
+
+Images are ``uint8 [N, H, W, C]`` on the host and stay uint8 until they reach the device (a quarter of the bytes of
+float32); :func:`random_shift` runs on the device inside the jitted step.
+
+Modules: :mod:`~capsjax.data.registry` (the datasets and :func:`load`), :mod:`~capsjax.data.formats` (IDX, CIFAR-10
+binary, SVHN ``.mat``), :mod:`~capsjax.data.tfds`, :mod:`~capsjax.data.synthetic`, :mod:`~capsjax.data.pipeline`
+(batches, per-process slicing, prefetch), :mod:`~capsjax.data.augment` (on device), :mod:`~capsjax.data.multimnist`.
+"""
+
+from capsjax.data.augment import random_shift, shift_images
+from capsjax.data.errors import DATA_ENV, DataError
+from capsjax.data.formats import read_idx, write_idx
+from capsjax.data.multimnist import multimnist_batches, two_hot
+from capsjax.data.pipeline import batches, local_slice, num_batches, padded_batches, prefetch_to_device
+from capsjax.data.registry import DATASETS, SPLITS, load
+from capsjax.data.synthetic import load_synthetic
+
+__all__ = [
+    "DataError",
+    "DATA_ENV",
+    "DATASETS",
+    "SPLITS",
+    "load",
+    "load_synthetic",
+    "read_idx",
+    "write_idx",
+    "batches",
+    "padded_batches",
+    "local_slice",
+    "num_batches",
+    "prefetch_to_device",
+    "shift_images",
+    "random_shift",
+    "multimnist_batches",
+    "two_hot",
+]
