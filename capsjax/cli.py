@@ -20,7 +20,7 @@ _TRAIN_FLAGS = {
     "train_examples": ("train_examples", int, "train on the first N training examples only"),
     "validation_examples": ("validation_examples", int, "hold the last N training examples out (0: validate on test)"),
     "max_shift": ("max_shift", int, "random shift augmentation in pixels (0: none)"),
-    "conv_impl": ("model.conv_impl", str, "convolution implementation: auto, matmul, xla"),
+    "kernels": ("model.kernels", str, "computation: auto (fast on CPU), fast (XLA:CPU-tuned), textbook (capsjax.ops)"),
     "conv_dtype": ("model.conv_dtype", str, "convolution compute dtype: float32, bfloat16"),
     "recon_reduction": ("loss.recon_reduction", str, "reconstruction loss over pixels: sum (paper) or mean"),
     "log_every": ("log_every_steps", int, "steps between metrics.jsonl lines"),
@@ -157,7 +157,7 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
 def train_command() -> int:
     """The ``capsjax-train`` program: :func:`train_main` after restarting with huge pages where that applies
     (:mod:`capsjax.hostmem`)."""
-    from capsjax.hostmem import reexec_with_huge_pages
+    from capsjax.fast.hostmem import reexec_with_huge_pages
 
     reexec_with_huge_pages()
     return train_main()
@@ -165,7 +165,7 @@ def train_command() -> int:
 
 def eval_command() -> int:
     """The ``capsjax-eval`` program: :func:`eval_main` after restarting with huge pages where that applies."""
-    from capsjax.hostmem import reexec_with_huge_pages
+    from capsjax.fast.hostmem import reexec_with_huge_pages
 
     reexec_with_huge_pages()
     return eval_main()

@@ -178,7 +178,7 @@ def evaluate_workdir(
       ``step``, ``dataset`` and, with ``figures``, the written ``figures`` paths.
     """
     from capsjax import data as datalib
-    from capsjax.hostmem import trim_after_compiles
+    from capsjax.fast.hostmem import trim_after_compiles
 
     trim_after_compiles()
     run = load_run(workdir, which)

@@ -22,7 +22,7 @@ from capsjax import data as datalib
 from capsjax.checkpoint import CheckpointError, Checkpoints, has_checkpoint
 from capsjax.config import ConfigError, TrainConfig, load_config, save_config
 from capsjax.evaluate import evaluate_arrays
-from capsjax.hostmem import trim_after_compiles
+from capsjax.fast.hostmem import trim_after_compiles
 from capsjax.steps import Steps, default_mesh, init_state, make_steps, wait_for_queue
 
 
