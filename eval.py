@@ -4,8 +4,8 @@
 import sys
 
 from capsjax.cli import eval_main
-from capsjax.hostmem import reexec_with_huge_pages
+from capsjax.fast.hostmem import reexec_with_huge_pages
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()  # CPU: huge pages for XLA's scratch memory (see capsjax.hostmem)
+    reexec_with_huge_pages()  # CPU: huge pages for XLA's scratch memory (see capsjax.fast.hostmem)
     sys.exit(eval_main(prog="eval.py"))

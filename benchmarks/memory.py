@@ -6,9 +6,9 @@ per batch size, and the scratch's growth per image from a linear fit.
 
 The peak RSS is the larger of two moments: compiling the step (about 650 MiB, nearly independent of the batch) and
 running it (the process's ~450 MiB after compilation, its freed compiler memory handed back by
-``capsjax.hostmem.trim_after_compiles``, plus the step's scratch). The scratch grows linearly with the batch: per image
-it holds the routing tensors (1152 x 10 x 16 floats = 0.74 MB each), the first convolution's output and its gradient
-(20 x 20 x 256 floats = 0.41 MB each) and one kernel row of the primary capsules' patches (36 x 9 x 256 floats =
+``capsjax.fast.hostmem.trim_after_compiles``, plus the step's scratch). The scratch grows linearly with the batch: per
+image it holds the routing tensors (1152 x 10 x 16 floats = 0.74 MB each), the first convolution's output and its
+gradient (20 x 20 x 256 floats = 0.41 MB each) and one kernel row of the primary capsules' patches (36 x 9 x 256 floats =
 0.33 MB; the convolution loops over kernel rows and never holds all nine). For scale,
 ``tiled_W_would_add_mb_per_image`` is what one per-example copy of W would cost; that W is never tiled is checked on
 the compiled step's buffers by ``tests/test_model.py::test_train_step_never_tiles_the_routing_weights``.

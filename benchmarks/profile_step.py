@@ -108,7 +108,7 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     if "--no-huge-pages" not in sys.argv[1:]:
-        from capsjax.hostmem import reexec_with_huge_pages
+        from capsjax.fast.hostmem import reexec_with_huge_pages
 
         reexec_with_huge_pages()
     main()

@@ -27,12 +27,14 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="convolution dtype")
-    parser.add_argument("--conv-impl", default="auto", choices=("auto", "matmul", "xla"))
+    parser.add_argument("--kernels", default="auto", choices=("auto", "fast", "textbook"))
     parser.add_argument("--devices", type=int, default=None, help="devices in the data mesh (default: all)")
     parser.add_argument("--routing-stop-gradient", action="store_true", help="the non-default fast routing gradient")
     parser.add_argument("--mode", default="both", choices=("both", "train", "infer"))
-    parser.add_argument("--no-huge-pages", action="store_true", help="skip the restart with huge pages (capsjax.hostmem)")
-    parser.add_argument("--no-heap-trim", action="store_true", help="keep the compiler's freed heap (capsjax.hostmem)")
+    parser.add_argument(
+        "--no-huge-pages", action="store_true", help="skip the restart with huge pages (capsjax.fast.hostmem)"
+    )
+    parser.add_argument("--no-heap-trim", action="store_true", help="keep the compiler's freed heap (capsjax.fast.hostmem)")
     return parser.parse_args(argv)
 
 
@@ -62,7 +64,7 @@ def main(argv=None) -> dict:
     import jax
     import numpy as np
 
-    from capsjax.hostmem import trim_after_compiles
+    from capsjax.fast.hostmem import trim_after_compiles
     from capsjax.model import ModelConfig
     from capsjax.steps import OptimConfig, init_state, make_steps
 
@@ -72,7 +74,7 @@ def main(argv=None) -> dict:
     devices = jax.devices()[: args.devices] if args.devices else jax.devices()
     mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     model_config = dataclasses.replace(
-        ModelConfig(), conv_dtype=args.dtype, conv_impl=args.conv_impl, routing_stop_gradient=args.routing_stop_gradient
+        ModelConfig(), conv_dtype=args.dtype, kernels=args.kernels, routing_stop_gradient=args.routing_stop_gradient
     )
     graphdef, state = init_state(model_config, OptimConfig(), seed=0, mesh=mesh)
     steps = make_steps(graphdef, OptimConfig(), max_shift=2, mesh=mesh)
@@ -85,7 +87,7 @@ def main(argv=None) -> dict:
         "device_kind": devices[0].device_kind,
         "devices": len(devices),
         "conv_dtype": args.dtype,
-        "conv_impl": args.conv_impl,
+        "kernels": args.kernels,
         "routing_stop_gradient": args.routing_stop_gradient,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "heap_trim": not args.no_heap_trim,
@@ -120,7 +122,7 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     if "--no-huge-pages" not in sys.argv[1:]:
-        from capsjax.hostmem import reexec_with_huge_pages
+        from capsjax.fast.hostmem import reexec_with_huge_pages
 
         reexec_with_huge_pages()  # as the CLIs do
     sys.exit(0 if main() else 1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from capsjax.conv import conv2d, extract_patches
 from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules
 from capsjax.model import CapsNet, CapsNetOutput, ModelConfig, count_params
 from capsjax.ops import capsule_predictions, dynamic_routing, margin_loss, mask_capsules, reconstruction_loss, safe_norm, squash
@@ -34,8 +33,6 @@ __all__ = [  # noqa: RUF022 (grouped: functions, layers, model, training)
     "margin_loss",
     "reconstruction_loss",
     "mask_capsules",
-    "conv2d",
-    "extract_patches",
     "Conv2D",
     "PrimaryCapsules",
     "RoutingCapsules",

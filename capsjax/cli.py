@@ -28,7 +28,7 @@ _TRAIN_FLAGS = {
     "train_examples": ("train_examples", int, "train on the first N training examples only"),
     "validation_examples": ("validation_examples", int, "hold the last N training examples out (0: validate on test)"),
     "max_shift": ("max_shift", int, "random shift augmentation in pixels (0: none)"),
-    "conv_impl": ("model.conv_impl", str, "convolution implementation: auto, matmul, xla"),
+    "kernels": ("model.kernels", str, "computation: auto (fast on CPU), fast (XLA:CPU-tuned), textbook (capsjax.ops)"),
     "conv_dtype": ("model.conv_dtype", str, "convolution compute dtype: float32, bfloat16"),
     "recon_reduction": ("loss.recon_reduction", str, "reconstruction loss over pixels: sum (paper) or mean"),
     "log_every": ("log_every_steps", int, "steps between metrics.jsonl lines"),
@@ -145,7 +145,7 @@ def train_main(argv: list[str] | None = None, prog: str = "capsjax-train") -> in
             print(json.dumps(to_dict(config), indent=2))
             return 0
         from capsjax import distributed
-        from capsjax.hostmem import trim_after_compiles
+        from capsjax.fast.hostmem import trim_after_compiles
         from capsjax.train import Preempted, TrainingDiverged, train_and_evaluate
         from capsjax.workdir import WorkdirBusy
 
@@ -196,7 +196,7 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
     from capsjax.config import ConfigError
     from capsjax.data import DataError
     from capsjax.evaluate import evaluate_workdir, format_confusion
-    from capsjax.hostmem import trim_after_compiles
+    from capsjax.fast.hostmem import trim_after_compiles
 
     trim_after_compiles()
     if args.batch_size is not None and args.batch_size < 1:
@@ -228,8 +228,8 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
 
 def train_command() -> int:
     """The ``capsjax-train`` program: :func:`train_main` after restarting with huge pages where that applies
-    (:mod:`capsjax.hostmem`)."""
-    from capsjax.hostmem import reexec_with_huge_pages
+    (:mod:`capsjax.fast.hostmem`)."""
+    from capsjax.fast.hostmem import reexec_with_huge_pages
 
     reexec_with_huge_pages()
     return train_main()
@@ -237,7 +237,7 @@ def train_command() -> int:
 
 def eval_command() -> int:
     """The ``capsjax-eval`` program: :func:`eval_main` after restarting with huge pages where that applies."""
-    from capsjax.hostmem import reexec_with_huge_pages
+    from capsjax.fast.hostmem import reexec_with_huge_pages
 
     reexec_with_huge_pages()
     return eval_main()

@@ -1,4 +1,12 @@
-"""Flax NNX modules that hold the parameters and call the pure functions of :mod:`capsjax.ops`."""
+"""Flax NNX modules that hold the parameters and call the pure functions of :mod:`capsjax.ops`.
+
+One switch, ``kernels``, chooses how the convolutions and the routing layer compute (:data:`KERNELS`):
+``"textbook"`` uses XLA's native convolution, :func:`capsjax.ops.capsule_predictions` and
+:func:`capsjax.ops.dynamic_routing`; ``"fast"`` uses their XLA:CPU-tuned equivalents in :mod:`capsjax.fast` (the same
+values and gradients, tested); ``"auto"`` (the default) means ``"fast"`` on the CPU backend and ``"textbook"`` on any
+other. ``"auto"`` is resolved when a layer runs, not when it is built, so building a model or a config does not start
+JAX's backend.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +15,29 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
-from capsjax import ops
-from capsjax.conv import check_conv_impl, conv2d
+from capsjax import fast, ops
+
+KERNELS = ("auto", "fast", "textbook")
+
+
+def check_kernels(kernels: str) -> None:
+    """Raises unless ``kernels`` is one of :data:`KERNELS` (without asking JAX for its backend)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+
+
+def resolve_kernels(kernels: str) -> str:
+    """``"fast"`` or ``"textbook"``: ``"auto"`` is ``"fast"`` on the CPU backend and ``"textbook"`` on any other."""
+    check_kernels(kernels)
+    if kernels == "auto":
+        return "fast" if jax.default_backend() == "cpu" else "textbook"
+    return kernels
 
 
 class Conv2D(nnx.Module):
-    """VALID convolution with a bias and a switchable implementation (see :func:`capsjax.conv.conv2d`).
+    """VALID convolution with a bias: XLA's native convolution, or :func:`capsjax.fast.conv2d` (``kernels``).
 
     ``dtype`` (e.g. ``jnp.bfloat16``) is the compute dtype of the product; parameters stay float32.
     """
@@ -25,16 +49,16 @@ class Conv2D(nnx.Module):
         kernel_size: int,
         stride: int = 1,
         *,
-        impl: str = "auto",
+        kernels: str = "auto",
         dtype=None,
         rngs: nnx.Rngs,
     ):
-        check_conv_impl(impl)  # validate early
+        check_kernels(kernels)  # validate early
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,)))
         self.stride = stride
-        self.impl = impl
+        self.kernels = kernels
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -42,7 +66,11 @@ class Conv2D(nnx.Module):
         kernel = self.kernel[...]
         if self.dtype is not None:
             x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        y = conv2d(x, kernel, self.stride, self.impl)
+        if resolve_kernels(self.kernels) == "fast":
+            y = fast.conv2d(x, kernel, self.stride)
+        else:
+            strides = (self.stride, self.stride)
+            y = lax.conv_general_dilated(x, kernel, strides, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y.astype(jnp.float32) + self.bias[...][None, None, None, :]
 
 
@@ -61,11 +89,13 @@ class PrimaryCapsules(nnx.Module):
         kernel_size: int = 9,
         stride: int = 2,
         *,
-        impl: str = "auto",
+        kernels: str = "auto",
         dtype=None,
         rngs: nnx.Rngs,
     ):
-        self.conv = Conv2D(in_features, num_maps * capsule_dim, kernel_size, stride, impl=impl, dtype=dtype, rngs=rngs)
+        self.conv = Conv2D(
+            in_features, num_maps * capsule_dim, kernel_size, stride, kernels=kernels, dtype=dtype, rngs=rngs
+        )
         self.num_maps = num_maps
         self.capsule_dim = capsule_dim
 
@@ -78,11 +108,12 @@ class PrimaryCapsules(nnx.Module):
 class RoutingCapsules(nnx.Module):
     """Fully connected capsule layer with routing by agreement.
 
-    Holds ``W`` of shape ``[n_in, n_out, d_out, d_in]``; the predictions ``u_hat[b, i, j] = W[i, j] @ u[b, i]`` use
-    ``W`` shared across the batch, never tiled. The layer computes them with
-    :func:`capsjax.ops.parent_major_predictions`, so it is differentiable in reverse mode (``jax.grad``, ``jax.vjp``)
-    but not in forward mode (``jax.jvp``); :meth:`predictions` (the plain batched product) supports both. ``use_bias``
-    adds the per-parent bias of the authors' released code to ``s_j`` (not in the paper; off by default).
+    Holds ``W`` of shape ``[n_in, n_out, d_out, d_in]``; the predictions ``u_hat[..., i, j] = W[i, j] @ u[..., i]``
+    use ``W`` shared across the batch, never tiled. ``kernels`` (:data:`KERNELS`) chooses
+    :func:`capsjax.ops.capsule_predictions` + :func:`capsjax.ops.dynamic_routing` or their parent-major equivalents
+    in :mod:`capsjax.fast.routing`; the fast form is differentiable in reverse mode (``jax.grad``, ``jax.vjp``) but
+    not in forward mode (``jax.jvp``). ``use_bias`` adds the per-parent bias of the authors' released code to ``s_j``
+    (not in the paper; off by default).
     """
 
     def __init__(
@@ -96,13 +127,16 @@ class RoutingCapsules(nnx.Module):
         stop_gradient: bool = False,
         use_bias: bool = False,
         init_std: float = 0.1,
+        kernels: str = "auto",
         rngs: nnx.Rngs,
     ):
+        check_kernels(kernels)
         init = nnx.initializers.normal(stddev=init_std)
         self.W = nnx.Param(init(rngs.params(), (num_in, num_out, out_dim, in_dim)))
         self.bias = nnx.Param(jnp.zeros((num_out, out_dim))) if use_bias else None
         self.num_iterations = num_iterations
         self.stop_gradient = stop_gradient
+        self.kernels = kernels
 
     def _check_capsules(self, u: jax.Array) -> None:
         n_in, _, _, d_in = self.W.shape
@@ -110,19 +144,22 @@ class RoutingCapsules(nnx.Module):
             raise ValueError(f"RoutingCapsules expects capsules [B, {n_in}, {d_in}], got {u.shape}")
 
     def predictions(self, u: jax.Array) -> jax.Array:
-        """``u`` [B, n_in, d_in] -> ``u_hat`` [B, n_in, n_out, d_out]."""
+        """``u`` [..., n_in, d_in] -> ``u_hat`` [..., n_in, n_out, d_out] (:func:`capsjax.ops.capsule_predictions`)."""
         self._check_capsules(u)
         return ops.capsule_predictions(self.W[...], u)
 
     def __call__(self, u: jax.Array, return_coupling: bool = False):
-        """``u`` [B, n_in, d_in] -> ``v`` [B, n_out, d_out] (and the final coupling coefficients if asked)."""
+        """``u`` [..., n_in, d_in] -> ``v`` [..., n_out, d_out] (and the final coupling coefficients
+        [..., n_in, n_out] if asked)."""
         self._check_capsules(u)
-        n_in, n_out, d_out, d_in = self.W.shape
-        u_hat = ops.parent_major_predictions(self.W[...], u.reshape(-1, n_in, d_in))  # [B, n_out, n_in, d_out]
-        # dynamic_routing takes [..., n_in, n_out, d] and works parent-major inside: the two swaps cancel in XLA.
-        u_hat = jnp.swapaxes(u_hat, 1, 2).reshape(*u.shape[:-2], n_in, n_out, d_out)
+        routing_args = (self.num_iterations, self.stop_gradient, return_coupling)
         bias = None if self.bias is None else self.bias[...]
-        return ops.dynamic_routing(u_hat, self.num_iterations, self.stop_gradient, return_coupling, bias)
+        if resolve_kernels(self.kernels) == "textbook":
+            return ops.dynamic_routing(self.predictions(u), *routing_args, bias=bias)
+        n_in, n_out, d_out, d_in = self.W.shape
+        u_hat = fast.parent_major_predictions(self.W[...], u.reshape(-1, n_in, d_in))  # [B, n_out, n_in, d_out]
+        u_hat = u_hat.reshape(*u.shape[:-2], n_out, n_in, d_out)
+        return fast.parent_major_routing(u_hat, *routing_args, bias=bias)
 
 
 class Decoder(nnx.Module):

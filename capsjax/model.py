@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from capsjax import ops
-from capsjax.conv import check_conv_impl, conv_output_size
-from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules
+from capsjax.fast.conv import conv_output_size
+from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules, check_kernels
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -35,7 +35,7 @@ class ModelConfig:
     routing_init_std: float = 0.1
     decoder_hidden: tuple[int, ...] = (512, 1024)
     use_decoder: bool = True
-    conv_impl: str = "auto"  # "auto" | "matmul" | "xla"
+    kernels: str = "auto"  # "auto" | "fast" | "textbook": capsjax.fast or capsjax.ops (see capsjax.layers)
     conv_dtype: str = "float32"  # compute dtype of the two convolutions ("bfloat16" on accelerators); routing stays fp32
 
     def __post_init__(self):
@@ -45,8 +45,8 @@ class ModelConfig:
             raise ValueError(f"routing_iterations must be >= 1, got {self.routing_iterations}")
         if self.conv_dtype not in _DTYPES:
             raise ValueError(f"conv_dtype must be one of {sorted(_DTYPES)}, got {self.conv_dtype!r}")
-        check_conv_impl(self.conv_impl)  # not resolved here: that would start JAX's backend at import
-        self.primary_grid  # raises if the kernels do not fit the image
+        check_kernels(self.kernels)  # "auto" is resolved in the layers: here it would start JAX's backend
+        self.primary_grid  # raises if the convolution kernels do not fit the image
 
     @property
     def primary_grid(self) -> tuple[int, int]:
@@ -84,7 +84,7 @@ class CapsNet(nnx.Module):
         dtype = _DTYPES[config.conv_dtype]
         channels = config.image_shape[-1]
         self.conv1 = Conv2D(
-            channels, config.conv1_channels, config.conv1_kernel, impl=config.conv_impl, dtype=dtype, rngs=rngs
+            channels, config.conv1_channels, config.conv1_kernel, kernels=config.kernels, dtype=dtype, rngs=rngs
         )
         self.primary = PrimaryCapsules(
             config.conv1_channels,
@@ -92,7 +92,7 @@ class CapsNet(nnx.Module):
             config.primary_dim,
             config.primary_kernel,
             config.primary_stride,
-            impl=config.conv_impl,
+            kernels=config.kernels,
             dtype=dtype,
             rngs=rngs,
         )
@@ -105,6 +105,7 @@ class CapsNet(nnx.Module):
             stop_gradient=config.routing_stop_gradient,
             use_bias=config.routing_bias,
             init_std=config.routing_init_std,
+            kernels=config.kernels,
             rngs=rngs,
         )
         self.decoder = (

@@ -18,7 +18,6 @@ __all__ = [
     "safe_norm",
     "squash",
     "capsule_predictions",
-    "parent_major_predictions",
     "dynamic_routing",
     "margin_loss",
     "reconstruction_loss",
@@ -73,7 +72,7 @@ def squash(s: jax.Array, axis: int = -1, epsilon: float = 1e-7) -> jax.Array:
 def capsule_predictions(weights: jax.Array, u: jax.Array) -> jax.Array:
     """The child capsules' predictions for their parents (paper eq. 2): ``u_hat[..., i, j] = weights[i, j] @ u[..., i]``.
 
-    One batched matrix product over the children ``i``; ``weights`` is shared by every example, never tiled.
+    One ``einsum``; ``weights`` is shared by every example, never tiled per example.
 
     Args:
       weights: ``[n_in, n_out, d_out, d_in]``.
@@ -82,61 +81,10 @@ def capsule_predictions(weights: jax.Array, u: jax.Array) -> jax.Array:
     Returns:
       ``u_hat`` of shape ``[..., n_in, n_out, d_out]``.
     """
-    n_in, n_out, d_out, d_in = weights.shape
+    n_in, _, _, d_in = weights.shape
     if u.ndim < 2 or u.shape[-2:] != (n_in, d_in):
         raise ValueError(f"capsules must have shape [..., {n_in}, {d_in}] for weights {weights.shape}, got {u.shape}")
-    lead = u.shape[:-2]
-    u_t = jnp.moveaxis(u.reshape(-1, n_in, d_in), 1, 0)  # [i, B, d_in]
-    w_t = jnp.transpose(weights, (0, 3, 1, 2)).reshape(n_in, d_in, n_out * d_out)  # [i, d_in, (j, d_out)]
-    # u as the left operand: the transpose of this product gives dW as [i, d_in, (j, d_out)] straight from a batched
-    # matmul over i, where the other operand order makes XLA's CPU backend re-lay out u_hat's cotangent with the batch
-    # minor first (~0.1 s per step at batch 100).
-    u_hat = lax.dot_general(u_t, w_t, (((2,), (1,)), ((0,), (0,))))  # [i, B, (j, d_out)]
-    return jnp.moveaxis(u_hat, 0, 1).reshape(*lead, n_in, n_out, d_out)
-
-
-@jax.custom_vjp
-def parent_major_predictions(weights: jax.Array, u: jax.Array) -> jax.Array:
-    """:func:`capsule_predictions` laid out for routing, ``[B, n_out, n_in, d_out]``; reverse-mode only.
-
-    The forward pass is ``d_in`` broadcast multiply-adds that XLA fuses into one pass writing ``u_hat`` straight in the
-    parent-major layout :func:`dynamic_routing` works in; the backward pass is the two batched matrix products of
-    :func:`capsule_predictions`' gradient. On XLA's CPU backend this saves a re-layout of ``u_hat`` and one of its
-    buffers (the default train step at batch 100: ~0.07 s and 55 MB). Differentiable with ``jax.grad`` / ``jax.vjp``,
-    not with ``jax.jvp``; :func:`capsule_predictions` supports every mode.
-
-    Args:
-      weights: ``[n_in, n_out, d_out, d_in]``.
-      u: child capsules ``[B, n_in, d_in]``.
-    """
-    n_in, n_out, d_out, d_in = weights.shape
-    if u.ndim != 3 or u.shape[1:] != (n_in, d_in):
-        raise ValueError(f"capsules must have shape [B, {n_in}, {d_in}] for weights {weights.shape}, got {u.shape}")
-    w = jnp.swapaxes(weights, 0, 1)[None]  # [1, j, i, d_out, d_in]
-    x = u[:, None, :, None, :]  # [B, 1, i, 1, d_in]
-    u_hat = x[..., 0] * w[..., 0]
-    for k in range(1, d_in):
-        u_hat = u_hat + x[..., k] * w[..., k]
-    return u_hat
-
-
-def _parent_major_predictions_fwd(weights, u):
-    return parent_major_predictions(weights, u), (weights, u)
-
-
-def _parent_major_predictions_bwd(residuals, cotangent):
-    weights, u = residuals
-    n_in, n_out, d_out, d_in = weights.shape
-    batch = u.shape[0]
-    g = jnp.transpose(cotangent, (2, 0, 1, 3)).reshape(n_in, batch, n_out * d_out)  # [i, B, (j, d_out)]
-    u_t = jnp.moveaxis(u, 1, 0)  # [i, B, d_in]
-    w_grad = lax.dot_general(u_t, g, (((1,), (1,)), ((0,), (0,))))  # [i, d_in, (j, d_out)]
-    w_grad = jnp.transpose(w_grad.reshape(n_in, d_in, n_out, d_out), (0, 2, 3, 1))
-    u_grad = lax.dot_general(g, weights.reshape(n_in, n_out * d_out, d_in), (((2,), (1,)), ((0,), (0,))))
-    return w_grad.astype(weights.dtype), jnp.moveaxis(u_grad, 0, 1).astype(u.dtype)
-
-
-parent_major_predictions.defvjp(_parent_major_predictions_fwd, _parent_major_predictions_bwd)
+    return jnp.einsum("ijdk,...ik->...ijd", weights, u)
 
 
 def dynamic_routing(
@@ -145,27 +93,22 @@ def dynamic_routing(
     stop_gradient: bool = False,
     return_coupling: bool = False,
     bias: jax.Array | None = None,
-    unroll: bool = True,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Routing by agreement (Procedure 1 of the paper).
+    """Routing by agreement, Procedure 1 of the paper.
 
-    ``b = 0``; ``num_iterations`` times: ``c = softmax(b)`` over the parents ``j``; ``s_j = sum_i c_ij u_hat_j|i``;
-    ``v_j = squash(s_j)``; ``b_ij += u_hat_j|i . v_j``. The update of ``b`` after the last iteration cannot change ``v``
-    and is skipped, so ``num_iterations=1`` means uniform coupling and no agreement step. The first iteration
-    (``b = 0``, uniform ``c``) is written out; the others are a ``lax.fori_loop``.
+    ``b_ij = 0``; ``num_iterations`` times: ``c_i = softmax(b_i)`` over the parents ``j``;
+    ``s_j = sum_i c_ij u_hat_j|i``; ``v_j = squash(s_j)``; ``b_ij += u_hat_j|i . v_j``. Returns the last ``v``.
+    The update of ``b`` after the last iteration cannot change ``v``, so the loop below runs the first
+    ``num_iterations - 1`` iterations (each ending with the update of ``b``) and the last one follows it.
 
     Args:
       u_hat: predictions of the child capsules for their parents, ``[..., n_in, n_out, d]``.
-      num_iterations: routing iterations ``r >= 1`` (3 in the paper).
-      stop_gradient: if True, gradients reach ``u_hat`` only through the final iteration (the agreement logits are
-        computed from a stopped copy), a common speed-up; the default lets them flow through every iteration, as in
-        the paper's formulation.
-      return_coupling: also return the coupling coefficients ``c`` used in the final iteration.
+      num_iterations: routing iterations ``r >= 1`` (3 in the paper); a Python int.
+      stop_gradient: if True, gradients reach ``u_hat`` only through the last iteration (the earlier ones, which
+        only compute ``b``, see a stopped copy of ``u_hat``); the default lets them flow through every iteration.
+      return_coupling: also return the coupling coefficients ``c`` of the last iteration.
       bias: optional ``[n_out, d]`` added to every ``s_j`` before the squash (the per-parent bias of the authors'
         released code; not in the paper).
-      unroll: unroll the ``fori_loop`` at trace time (the default), letting XLA fuse across iterations; ``False``
-        keeps one rolled loop body. At 3 iterations the two run alike (``benchmarks/routing.py``); the speed-up over
-        the textbook loop comes from writing out the ``b = 0`` iteration.
 
     Returns:
       ``v`` of shape ``[..., n_out, d]`` in ``u_hat``'s dtype, or ``(v, c)`` with ``c`` of shape
@@ -176,42 +119,32 @@ def dynamic_routing(
     if u_hat.ndim < 3:
         raise ValueError(f"u_hat must have shape [..., n_in, n_out, d], got {u_hat.shape}")
     u = u_hat.astype(_compute_dtype(u_hat.dtype))
-    # Parent-major layout [..., n_out, n_in, d]: every contraction below (over n_in for s_j, over d for the agreement)
-    # is then a batched matrix-vector product over (..., j) that XLA runs without re-laying out u_hat.
-    u = jnp.swapaxes(u, -3, -2)
-    u_for_agreement = lax.stop_gradient(u) if stop_gradient else u
+    u_for_logits = lax.stop_gradient(u) if stop_gradient else u
 
-    n_out = u.shape[-3]
+    def route(b, u):  # b: [..., n_in, n_out] -> c: [..., n_in, n_out], v: [..., n_out, d]
+        c = jax.nn.softmax(b, axis=-1)  # over the parents j
+        s = jnp.einsum("...ij,...ijd->...jd", c, u)
+        if bias is not None:
+            s = s + jnp.broadcast_to(bias.astype(s.dtype), s.shape)
+        return c, squash(s)
 
-    def parents(s):
-        return squash(s if bias is None else s + jnp.broadcast_to(bias.astype(s.dtype), s.shape))
+    def iteration(_, b):
+        _, v = route(b, u_for_logits)
+        return b + jnp.einsum("...ijd,...jd->...ij", u_for_logits, v)
 
-    def route(b, u):
-        c = jax.nn.softmax(b, axis=-2)  # over the parents j
-        return c, parents(jnp.einsum("...ji,...jid->...jd", c, u))
-
-    def agreement(u, v):
-        return jnp.einsum("...jid,...jd->...ji", u, v)
-
-    def uniform_route(u):
-        return parents(jnp.sum(u, axis=-2) / n_out)
-
-    def agreement_step(_, b):
-        _, v = route(b, u_for_agreement)
-        return b + agreement(u_for_agreement, v)
-
-    if num_iterations == 1:
-        # b = 0: uniform coupling, written without a softmax of zeros (which XLA would constant-fold at length).
-        c = jnp.full(u.shape[:-1], 1.0 / n_out, u.dtype)
-        v = uniform_route(u)
-    else:
-        # The first iteration has b = 0, so b after it is just the agreement with the uniformly routed v.
-        b = agreement(u_for_agreement, uniform_route(u_for_agreement))
-        b = lax.fori_loop(0, num_iterations - 2, agreement_step, b, unroll=unroll)
-        c, v = route(b, u)
-    c = jnp.swapaxes(c, -2, -1)
+    b = lax.fori_loop(0, num_iterations - 1, iteration, jnp.zeros(u.shape[:-1], u.dtype))
+    c, v = route(b, u)
     v = v.astype(u_hat.dtype)
     return (v, c) if return_coupling else v
+
+
+def _targets(labels: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Class ids ``[...]`` or k-hot targets ``[..., k]`` as targets of ``shape`` ``[..., k]`` in ``dtype``."""
+    if labels.ndim == len(shape):
+        return labels.astype(dtype)
+    if labels.ndim == len(shape) - 1:
+        return jax.nn.one_hot(labels, shape[-1], dtype=dtype)
+    raise ValueError(f"labels {labels.shape} must be class ids [...] or targets [..., k] for scores {shape}")
 
 
 def margin_loss(
@@ -234,12 +167,7 @@ def margin_loss(
       The loss per example, shape ``[...]``, in float32 or wider.
     """
     x = lengths.astype(_compute_dtype(lengths.dtype))
-    if labels.ndim == lengths.ndim:
-        targets = labels.astype(x.dtype)
-    elif labels.ndim == lengths.ndim - 1:
-        targets = jax.nn.one_hot(labels, lengths.shape[-1], dtype=x.dtype)
-    else:
-        raise ValueError(f"labels {labels.shape} must be class ids [...] or targets [..., k] for lengths {lengths.shape}")
+    targets = _targets(labels, lengths.shape, x.dtype)
     present = targets * jnp.square(jnp.maximum(0.0, m_plus - x))
     absent = lambda_ * (1.0 - targets) * jnp.square(jnp.maximum(0.0, x - m_minus))
     return jnp.sum(present + absent, axis=-1)
@@ -269,16 +197,17 @@ def reconstruction_loss(images: jax.Array, reconstructions: jax.Array, reduction
 
 
 def mask_capsules(capsules: jax.Array, labels: jax.Array | None = None) -> jax.Array:
-    """Zero every capsule but one per example: the labelled one (training) or the longest one (inference).
+    """Zero every capsule but the labelled ones (training) or the longest one (inference).
 
     Args:
       capsules: ``[..., n_out, d]``.
-      labels: class ids ``[...]``; ``None`` picks the longest capsule.
+      labels: class ids ``[...]``, or k-hot targets ``[..., n_out]`` that keep several capsules (e.g. the two digits
+        of a MultiMNIST image); ``None`` keeps the longest capsule.
 
     Returns:
       Same shape and dtype as ``capsules``.
     """
     if labels is None:
         labels = jnp.argmax(safe_norm(capsules, axis=-1), axis=-1)
-    mask = jax.nn.one_hot(labels, capsules.shape[-2], dtype=capsules.dtype)
+    mask = _targets(labels, capsules.shape[:-1], capsules.dtype)
     return capsules * mask[..., None]

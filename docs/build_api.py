@@ -17,11 +17,12 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "api"
 
 
 def modules() -> list[str]:
-    """``capsjax`` and each of its public submodules, by name."""
+    """``capsjax`` and each of its public submodules (those of ``capsjax.fast`` too), by name."""
     import capsjax
 
-    names = sorted(info.name for info in pkgutil.iter_modules(capsjax.__path__) if not info.name.startswith("_"))
-    return ["capsjax", *(f"capsjax.{name}" for name in names)]
+    infos = pkgutil.walk_packages(capsjax.__path__, "capsjax.")
+    names = sorted(info.name for info in infos if not any(part.startswith("_") for part in info.name.split(".")))
+    return ["capsjax", *names]
 
 
 def build(out_dir: str | Path = DEFAULT_OUT) -> Path:

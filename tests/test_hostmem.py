@@ -1,4 +1,4 @@
-"""capsjax.hostmem: importing capsjax leaves JAX's backend alone; the restart with huge pages and what it changes;
+"""capsjax.fast.hostmem: importing capsjax leaves JAX's backend alone; the restart with huge pages and what it changes;
 giving freed heap memory back after compiles."""
 
 import os
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from capsjax import hostmem
+from capsjax.fast import hostmem
 
 APPLIES = hostmem.huge_pages_env({}) is not None  # Linux, glibc >= 2.35, THP on, no accelerator plugin
 
@@ -51,7 +51,7 @@ def test_huge_pages_env_extends_tunables_and_respects_opt_outs():
 def test_reexec_restarts_once_with_the_tunable_and_the_same_arguments():
     code = """
         import os, sys
-        from capsjax.hostmem import reexec_with_huge_pages
+        from capsjax.fast.hostmem import reexec_with_huge_pages
         reexec_with_huge_pages()
         print(os.environ.get("GLIBC_TUNABLES"), sys.argv[1:])
     """
@@ -95,7 +95,7 @@ def test_release_freed_memory_returns_free_heap_pages():
     # until malloc_trim hands them back.
     code = """
         import sys
-        from capsjax import hostmem
+        from capsjax.fast import hostmem
 
         def rss_mb():
             return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
@@ -114,7 +114,7 @@ def test_release_freed_memory_returns_free_heap_pages():
 def test_trim_after_compiles_releases_after_each_compilation():
     code = """
         import jax, jax.numpy as jnp
-        from capsjax import hostmem
+        from capsjax.fast import hostmem
 
         calls = []
         hostmem.release_freed_memory = lambda: calls.append(1) or True

@@ -1,4 +1,4 @@
-"""The convolutions, the Flax layers and the CapsNet."""
+"""The Flax layers, the CapsNet and the switch between the fast and the textbook kernels."""
 
 import dataclasses
 
@@ -9,68 +9,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 import capsjax
-from capsjax.conv import conv2d, resolve_conv_impl
+from capsjax.layers import resolve_kernels
 
 RNG = np.random.default_rng(1)
 
 
-def np_conv_valid(x, k, stride):
-    kh, kw, _, cout = k.shape
-    batch, h, w, _ = x.shape
-    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
-    out = np.zeros((batch, oh, ow, cout))
-    for i in range(oh):
-        for j in range(ow):
-            patch = x[:, i * stride : i * stride + kh, j * stride : j * stride + kw, :]
-            out[:, i, j] = np.tensordot(patch, k, axes=([1, 2, 3], [0, 1, 2]))
-    return out
-
-
-@pytest.mark.parametrize("channels", [3, 16])  # sliced and gathered patches
-@pytest.mark.parametrize("stride", [1, 2, 3])
-def test_conv_impls_match_numpy(stride, channels):
-    x = RNG.normal(size=(2, 13, 11, channels)).astype(np.float32)
-    k = RNG.normal(size=(4, 5, channels, 6)).astype(np.float32)
-    ref = np_conv_valid(x, k, stride)
-    for impl in ("matmul", "xla"):
-        np.testing.assert_allclose(conv2d(x, k, stride, impl), ref, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize(
-    "channels, stride, height",
-    [(8, 2, 20), (32, 2, 20), (32, 1, 13), (32, 3, 19)],  # one patch matrix; the kernel-row loop (odd heights too)
-)
-def test_conv_impls_have_same_gradients(channels, stride, height):
-    x = jnp.asarray(RNG.normal(size=(3, height, 17, channels)), jnp.float32)
-    k = jnp.asarray(RNG.normal(size=(9, 5, channels, 16)) * 0.1, jnp.float32)
-    oh, ow = (height - 9) // stride + 1, (17 - 5) // stride + 1
-    t = jnp.asarray(RNG.normal(size=(3, oh, ow, 16)), jnp.float32)
-
-    def loss(x, k, impl):
-        return jnp.sum(jnp.tanh(conv2d(x, k, stride, impl)) * t)
-
-    gx_m, gk_m = jax.grad(loss, argnums=(0, 1))(x, k, "matmul")
-    gx_x, gk_x = jax.grad(loss, argnums=(0, 1))(x, k, "xla")
-    np.testing.assert_allclose(gx_m, gx_x, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(gk_m, gk_x, rtol=1e-4, atol=1e-4)
-
-
-def test_many_channel_conv_gradient_never_holds_the_whole_patch_matrix():
-    # With 64 input channels the matmul form loops over kernel rows; forward and backward together must need less
-    # scratch memory than the [B*oh*ow, kh*kw*C] patch matrix alone (the one-matrix form needs about twice that).
-    x, k = jnp.zeros((8, 20, 20, 64)), jnp.zeros((9, 9, 64, 32))
-    grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv2d(x, k, 2, "matmul") ** 2), argnums=(0, 1)))
-    scratch = grad.lower(x, k).compile().memory_analysis().temp_size_in_bytes
-    patch_matrix = 8 * 6 * 6 * 9 * 9 * 64 * 4
-    assert scratch < patch_matrix / 2
-
-
-def test_conv_auto_resolves_per_backend_and_rejects_unknown():
-    assert resolve_conv_impl("auto") == ("matmul" if jax.default_backend() == "cpu" else "xla")
-    with pytest.raises(ValueError, match="conv impl"):
-        resolve_conv_impl("fft")
-    with pytest.raises(ValueError, match="expects input"):
-        conv2d(jnp.zeros((1, 9, 9, 2)), jnp.zeros((3, 3, 1, 4)))
+def test_kernels_auto_resolves_per_backend_and_rejects_unknown():
+    assert resolve_kernels("auto") == ("fast" if jax.default_backend() == "cpu" else "textbook")
+    assert resolve_kernels("textbook") == "textbook"
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        resolve_kernels("matmul")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        capsjax.ModelConfig(kernels="xla")
 
 
 def test_default_model_has_paper_parameter_count():
@@ -127,8 +77,8 @@ def test_other_shapes_and_class_counts():
         capsjax.ModelConfig(image_shape=(12, 12, 1))
 
 
-def test_model_jit_equals_eager_and_conv_impls_agree():
-    configs = {impl: dataclasses.replace(SMALL, conv_impl=impl) for impl in ("matmul", "xla")}
+def test_model_jit_equals_eager_and_fast_equals_textbook():
+    configs = {kernels: dataclasses.replace(SMALL, kernels=kernels) for kernels in ("fast", "textbook")}
     images = jnp.asarray(RNG.uniform(size=(2, 16, 16, 1)), jnp.float32)
     labels = jnp.array([3, 7])
     outs, grads = {}, {}
@@ -145,9 +95,9 @@ def test_model_jit_equals_eager_and_conv_impls_agree():
         for a, b in zip(eager, jitted):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
         outs[impl], grads[impl] = eager, jax.grad(loss)(params)
-    for a, b in zip(outs["matmul"], outs["xla"]):
+    for a, b in zip(outs["fast"], outs["textbook"]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads["matmul"]), jax.tree.leaves(grads["xla"])):
+    for a, b in zip(jax.tree.leaves(grads["fast"]), jax.tree.leaves(grads["textbook"])):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
@@ -157,18 +107,6 @@ def test_bfloat16_convolutions_stay_close_to_float32():
     out16 = capsjax.CapsNet(dataclasses.replace(SMALL, conv_dtype="bfloat16"), rngs=nnx.Rngs(0))(images)
     assert out16.lengths.dtype == jnp.float32
     np.testing.assert_allclose(out16.lengths, out32.lengths, rtol=5e-2, atol=5e-3)
-
-
-def test_gathered_patches_equal_sliced_patches_and_gradients():
-    from capsjax import conv
-
-    x = jnp.asarray(RNG.normal(size=(2, 20, 17, 16)), jnp.float32)
-    t = jnp.asarray(RNG.normal(size=(2, 6, 5, 81 * 16)), jnp.float32)
-    gathered = jax.jit(conv.extract_patches, static_argnums=(1, 2))
-    np.testing.assert_array_equal(gathered(x, (9, 9), 2), conv._sliced_patches(x, (9, 9), 2))
-    g1 = jax.grad(lambda x: jnp.sum(jnp.sin(gathered(x, (9, 9), 2)) * t))(x)
-    g2 = jax.grad(lambda x: jnp.sum(jnp.sin(conv._sliced_patches(x, (9, 9), 2)) * t))(x)
-    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-5)
 
 
 def test_train_step_never_tiles_the_routing_weights():
@@ -190,11 +128,14 @@ def test_train_step_never_tiles_the_routing_weights():
     assert max(sizes) < batch * w_size  # ... but never once per example
 
 
-def test_routing_capsules_take_leading_batch_axes_and_reject_bad_shapes():
-    layer = capsjax.RoutingCapsules(6, 4, 3, 5, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("kernels", ["fast", "textbook"])
+def test_routing_capsules_take_leading_batch_axes_and_reject_bad_shapes(kernels):
+    layer = capsjax.RoutingCapsules(6, 4, 3, 5, use_bias=True, kernels=kernels, rngs=nnx.Rngs(0))
     u = jnp.asarray(RNG.normal(size=(2, 3, 6, 4)), jnp.float32)
-    v = layer(u)
-    assert v.shape == (2, 3, 3, 5)
+    v, c = layer(u, return_coupling=True)
+    assert v.shape == (2, 3, 3, 5) and c.shape == (2, 3, 6, 3)
     np.testing.assert_allclose(v, jnp.stack([layer(u[i]) for i in range(2)]), rtol=1e-5, atol=1e-6)
+    textbook = capsjax.dynamic_routing(layer.predictions(u), bias=layer.bias[...])
+    np.testing.assert_allclose(v, textbook, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"RoutingCapsules expects capsules \[B, 6, 4\]"):
         layer(jnp.zeros((2, 5, 4)))

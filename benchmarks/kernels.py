@@ -1,7 +1,8 @@
-"""Full CapsNet training step with the matmul-form convolutions vs XLA's native convolution.
+"""Full CapsNet training step with ``ModelConfig.kernels`` "fast" (capsjax.fast) vs "textbook" (capsjax.ops and
+XLA's native convolution).
 
-Prints one JSON line: median seconds per training step (forward, losses, backward, Adam) for each implementation,
-and their ratio. Example: python benchmarks/conv_impls.py --batch-size 100 --steps 3
+Prints one JSON line: median seconds per training step (forward, losses, backward, Adam) for each setting, and their
+ratio. Example: python benchmarks/kernels.py --batch-size 100 --steps 3
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from capsjax.model import ModelConfig
 from capsjax.steps import OptimConfig, init_state, make_steps
 
 
-def time_train_step(conv_impl: str, batch_size: int, steps: int) -> tuple[float, float]:
+def time_train_step(kernels: str, batch_size: int, steps: int) -> tuple[float, float]:
     """(compile + first step seconds, median seconds of the following steps)."""
-    model_config = dataclasses.replace(ModelConfig(), conv_impl=conv_impl)
+    model_config = dataclasses.replace(ModelConfig(), kernels=kernels)
     graphdef, state = init_state(model_config, OptimConfig(), seed=0)
     step_fns = make_steps(graphdef, OptimConfig())
     rng = np.random.default_rng(0)
@@ -43,17 +44,17 @@ def time_train_step(conv_impl: str, batch_size: int, steps: int) -> tuple[float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per implementation (after the first)")
-    parser.add_argument("--impls", default="matmul,xla")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per setting (after the first)")
+    parser.add_argument("--kernels", default="fast,textbook")
     args = parser.parse_args()
     result = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind, "batch_size": args.batch_size}
-    for impl in args.impls.split(","):
-        first, median = time_train_step(impl, args.batch_size, args.steps)
-        result[f"{impl}_first_step_s"] = round(first, 3)
-        result[f"{impl}_step_s"] = round(median, 4)
-        result[f"{impl}_train_img_per_s"] = round(args.batch_size / median, 1)
-    if "matmul_step_s" in result and "xla_step_s" in result:
-        result["xla_over_matmul"] = round(result["xla_step_s"] / result["matmul_step_s"], 1)
+    for kernels in args.kernels.split(","):
+        first, median = time_train_step(kernels, args.batch_size, args.steps)
+        result[f"{kernels}_first_step_s"] = round(first, 3)
+        result[f"{kernels}_step_s"] = round(median, 4)
+        result[f"{kernels}_train_img_per_s"] = round(args.batch_size / median, 1)
+    if "fast_step_s" in result and "textbook_step_s" in result:
+        result["textbook_over_fast"] = round(result["textbook_step_s"] / result["fast_step_s"], 1)
     print(json.dumps(result))
 
 

@@ -1,13 +1,12 @@
-"""VALID 2-D convolution with two interchangeable implementations.
+"""VALID 2-D convolution as matrix products, for XLA's CPU backend.
 
-``"xla"`` calls ``lax.conv_general_dilated``. ``"matmul"`` writes the convolution as patches times the flattened
-kernel. On XLA's CPU backend the gradient of the native convolution is far slower than the gradient of the matmul form
-(gathers and dots), while GPUs and TPUs run the native one best; ``"auto"`` picks the matmul form on CPU and the
-native convolution elsewhere.
+On XLA's CPU backend the gradient of the native convolution (``lax.conv_general_dilated``, which the layers use
+elsewhere) is far slower than the gradient of the same convolution written as patches times the flattened kernel
+(gathers and dots). :func:`conv2d` is that form, tested equal, values and gradients, to the native convolution.
 
-The matmul form comes in two shapes. With few input channels (the image) it gathers all patches into one matrix and
-multiplies once. With many (the primary capsules' 256) that matrix would be the largest buffer of a training step
-(285 MiB at batch 100), so it loops over the kernel's rows instead: each iteration gathers one row of patches,
+It comes in two shapes. With few input channels (the image) it gathers all patches into one matrix and multiplies
+once. With many (the primary capsules' 256) that matrix would be the largest buffer of a training step (285 MiB at
+batch 100), so it loops over the kernel's rows instead: each iteration gathers one row of patches,
 ``[B*oh*ow, kw*C]``, and adds its product with that kernel row; the gradient runs the same loop and gathers each row
 again rather than keeping it, so neither pass ever holds more than one row of patches.
 """
@@ -21,23 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-CONV_IMPLS = ("auto", "matmul", "xla")
 _GATHER_MIN_CHANNELS = 16  # below this a pixel is too short for a gather to beat slicing
 _ROW_LOOP_MIN_CHANNELS = 16  # below this a row of patches is too narrow for an efficient product
-
-
-def check_conv_impl(impl: str) -> None:
-    """Raises unless ``impl`` names an implementation (without asking JAX for its backend)."""
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {impl!r}")
-
-
-def resolve_conv_impl(impl: str) -> str:
-    """Maps ``"auto"`` to ``"matmul"`` on the CPU backend and to ``"xla"`` on any other."""
-    check_conv_impl(impl)
-    if impl == "auto":
-        return "matmul" if jax.default_backend() == "cpu" else "xla"
-    return impl
 
 
 def conv_output_size(size: int, kernel: int, stride: int) -> int:
@@ -110,25 +94,22 @@ def extract_patches(x: jax.Array, kernel_size: tuple[int, int], stride: int) -> 
     return _sliced_patches(x, kernel_size, stride)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, impl: str = "auto") -> jax.Array:
-    """VALID convolution (cross-correlation, as in every deep-learning library), no bias.
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+    """VALID convolution (cross-correlation, as in every deep-learning library), no bias, as matrix products.
+
+    Equal to ``lax.conv_general_dilated(x, kernel, (stride, stride), "VALID")`` in NHWC / HWIO layout.
 
     Args:
       x: images ``[B, H, W, C_in]``.
       kernel: ``[kh, kw, C_in, C_out]``.
       stride: the same in both spatial directions.
-      impl: ``"auto"``, ``"matmul"`` or ``"xla"`` (see the module docstring).
 
     Returns:
       ``[B, oh, ow, C_out]`` with ``oh = (H - kh) // stride + 1``.
     """
-    kh, kw, c_in, c_out = kernel.shape
+    _, _, c_in, _ = kernel.shape
     if x.ndim != 4 or x.shape[-1] != c_in:
         raise ValueError(f"conv2d expects input [B, H, W, {c_in}], got {x.shape}")
-    if resolve_conv_impl(impl) == "xla":
-        return lax.conv_general_dilated(
-            x, kernel, window_strides=(stride, stride), padding="VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
     if c_in >= _ROW_LOOP_MIN_CHANNELS:
         return _row_loop_matmul(x, kernel, stride)
     return _patch_matmul(x, kernel, stride)
