@@ -152,7 +152,7 @@ def train_main(argv: list[str] | None = None, prog: str = "capsjax-train") -> in
         launch = (args.coordinator_address, args.num_processes, args.process_id)
         multi = args.distributed or any(v is not None for v in distributed.settings(*launch))
         if multi:
-            distributed.initialize(*launch)
+            distributed.initialize(*launch, prog=prog, verbose=verbose)
         trim_after_compiles()  # the compiler's freed heap back to the system before the steps' scratch is taken
         stop = _StopOnSignal(multi, prog)
         train_and_evaluate(config, args.workdir or f"runs/{args.preset}", should_stop=lambda: stop.requested)

@@ -6,8 +6,12 @@ function that sets process-wide state; the training loop uses the rest.
 
 from __future__ import annotations
 
+import atexit
 import os
+import re
 import secrets
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,7 +20,7 @@ import jax
 import numpy as np
 
 ENV_ADDRESS, ENV_PROCESSES, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
-SHARED_TIMEOUT_S = 60.0
+SHARED_TIMEOUT_S = float(os.environ.get("CAPSJAX_SHARED_TIMEOUT_S", 60))  # for a marker to show on another host
 
 
 class DistributedError(RuntimeError):
@@ -46,9 +50,19 @@ def settings(address: str | None, num_processes: int | None, process_id: int | N
     return address, num_processes, process_id
 
 
-def initialize(address: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
+def initialize(
+    address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    prog: str = "capsjax",
+    verbose: bool = False,
+) -> None:
     """Joins a multi-process run through ``jax.distributed.initialize``: explicit settings, or cluster auto-detection
-    (Slurm, Cloud TPU, Kubernetes, MPI) where none are given. Cross-process CPU collectives go through gloo."""
+    (Slurm, Cloud TPU, Kubernetes, MPI) where none are given. Cross-process CPU collectives go through gloo.
+
+    Then, unless ``verbose``, the native runtime's log lines are filtered out of stderr, and a process whose peer dies
+    prints one line and exits (status 1) instead of the runtime's abort with a stack dump (:class:`PeerWatch`)."""
     address, num_processes, process_id = settings(address, num_processes, process_id)
     if _backend_started():
         raise DistributedError("jax.distributed must be initialized before JAX starts its backend")
@@ -61,6 +75,9 @@ def initialize(address: str | None = None, num_processes: int | None = None, pro
             f"could not join the multi-process run ({first}); outside Slurm, Cloud TPU or Kubernetes pass "
             "--coordinator-address HOST:PORT --num-processes N --process-id I"
         ) from None
+    if not verbose:
+        _NativeStderr(prog).start()
+    PeerWatch(prog).start()
 
 
 def _backend_started() -> bool:
@@ -104,7 +121,7 @@ def lock_workdir(lock):
     return lock
 
 
-def check_shared(workdir: Path, timeout: float = SHARED_TIMEOUT_S) -> None:
+def check_shared(workdir: Path, timeout: float | None = None) -> None:
     """In a multi-process run, checks that every process sees the work directory process 0 writes to (checkpoints and
     the lock live there): process 0 writes a marker file that the others must see within ``timeout`` seconds."""
     if jax.process_count() == 1:
@@ -115,7 +132,7 @@ def check_shared(workdir: Path, timeout: float = SHARED_TIMEOUT_S) -> None:
     marker = Path(workdir) / f".shared-check-{token}"
     if jax.process_index() == 0:
         marker.write_text(str(token))
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + (SHARED_TIMEOUT_S if timeout is None else timeout)
     seen = marker.exists()
     while not seen and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -151,3 +168,111 @@ class StopSignal:
     def now(self) -> bool:
         """Between evaluation batches: single-process runs stop at once (multi-process ones at the next step)."""
         return bool(not self.multi and self.should_stop is not None and self.should_stop())
+
+
+PEER_TIMEOUT_S = float(os.environ.get("CAPSJAX_PEER_TIMEOUT_S", 30))  # silence after which a peer counts as dead
+_RESUME_HINT = "rerun every process with the same command to resume from the last checkpoint"
+
+
+def _die(prog: str, message: str) -> None:
+    os.write(_NativeStderr.real_fd or 2, f"{prog}: error: {message}\n".encode())
+    os._exit(1)
+
+
+class PeerWatch(threading.Thread):
+    """Every process bumps a counter in the coordination service's key-value store every second and watches the
+    others'. A peer whose counter stops for :data:`PEER_TIMEOUT_S` (it died, or hangs) ends this process with one
+    line, well before the runtime's own heartbeat timeout would abort it with a stack dump. A peer that finished
+    normally marks itself done first."""
+
+    def __init__(self, prog: str, timeout: float = PEER_TIMEOUT_S):
+        super().__init__(daemon=True, name="capsjax-peer-watch")
+        from jax._src import distributed as jax_distributed
+
+        self.client = jax_distributed.global_state.client
+        self.prog, self.timeout = prog, timeout
+        self.me, self.count = jax.process_index(), jax.process_count()
+        self.finished = False
+        atexit.register(self._done)
+
+    def _done(self) -> None:
+        self.finished = True
+        try:
+            self.client.key_value_set(f"capsjax/done/{self.me}", "1", allow_overwrite=True)
+        except Exception:
+            pass
+
+    def _get(self, key: str) -> str | None:
+        try:
+            return self.client.key_value_try_get(key)
+        except Exception as err:
+            if "NOT_FOUND" in str(err):
+                return None
+            raise
+
+    def run(self) -> None:
+        beat, seen = 0, {}
+        while not self.finished:
+            beat += 1
+            try:
+                self.client.key_value_set(f"capsjax/beat/{self.me}", str(beat), allow_overwrite=True)
+                now = time.monotonic()
+                for peer in range(self.count):
+                    if peer == self.me or self._get(f"capsjax/done/{peer}"):
+                        continue
+                    value = self._get(f"capsjax/beat/{peer}")
+                    if peer not in seen or seen[peer][0] != value:
+                        seen[peer] = (value, now)
+                    elif now - seen[peer][1] > self.timeout:
+                        _die(self.prog, f"process {peer} stopped responding ({self.timeout:.0f} s without a "
+                                        f"heartbeat); stopping process {self.me} too: {_RESUME_HINT}")  # fmt: skip
+            except Exception:
+                if self.finished:
+                    return
+                _die(self.prog, f"lost the coordinator (process 0); stopping process {self.me}: {_RESUME_HINT}")
+            time.sleep(1.0)
+
+
+class _NativeStderr(threading.Thread):
+    """Passes stderr through a pipe, dropping the native runtime's log lines (absl/glog ``E1126 ...``, gloo's
+    ``[Gloo] ...``, stack dumps); when the runtime says it will abort because a peer died, prints one line and exits
+    first."""
+
+    real_fd: int | None = None
+    NOISE = re.compile(r"^([EWIF]\d{4} \d\d:\d\d:\d\d|\[Gloo\]|\*\*\* |\s+@ |RPC: |The tasks have crashed|\d+$)")
+    FATAL = ("Terminating process because the JAX distributed service", "Polled an error from coordination service")
+
+    def __init__(self, prog: str):
+        super().__init__(daemon=True, name="capsjax-stderr")
+        self.prog = prog
+
+    def start(self) -> None:
+        if _NativeStderr.real_fd is not None:
+            return
+        sys.stderr.flush()
+        read, write = os.pipe()
+        _NativeStderr.real_fd = os.dup(2)
+        os.dup2(write, 2)
+        os.close(write)
+        self.pipe = os.fdopen(read, "rb", buffering=0)
+        atexit.register(self._drain)
+        super().start()
+
+    def run(self) -> None:
+        buffer = b""
+        while chunk := self.pipe.read(65536):
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                text = line.decode(errors="replace")
+                if any(marker in text for marker in self.FATAL):
+                    _die(self.prog, f"another process of this run died or lost its connection; stopping process "
+                                    f"{jax.process_index()}: {_RESUME_HINT}")  # fmt: skip
+                if not self.NOISE.match(text):
+                    os.write(_NativeStderr.real_fd, line + b"\n")
+
+    def _drain(self) -> None:
+        """At exit: route stderr back and let the thread pass on what is still in the pipe."""
+        sys.stderr.flush()
+        os.dup2(_NativeStderr.real_fd, 2)
+        self.join(timeout=2.0)

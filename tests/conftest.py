@@ -1,13 +1,31 @@
-"""Test set-up: four simulated CPU devices and strict numpy semantics, fixed before JAX is imported."""
+"""Test set-up: four simulated CPU devices and strict NumPy semantics, fixed before JAX starts its backend; the real
+MNIST folder as a fixture.
+
+The device count is JAX's ``jax_num_cpu_devices`` option, set through its environment variable so that the CLIs the
+tests start as subprocesses see the same four devices.
+"""
 
 import os
+from pathlib import Path
 
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]
-).strip()
+import pytest
+
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
+jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
 jax.config.update("jax_numpy_rank_promotion", "raise")
-jax.config.update("jax_debug_nans", False)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST_DIR = Path(os.environ.get("CAPSJAX_MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST IDX folder (``../shared/data/mnist`` beside the checkout, or ``$CAPSJAX_MNIST_DIR``)."""
+    if not any(MNIST_DIR.glob("train-images-idx3-ubyte*")):
+        pytest.skip(f"MNIST IDX files not found in {MNIST_DIR} (set CAPSJAX_MNIST_DIR)")
+    return MNIST_DIR

@@ -18,7 +18,6 @@ from capsjax.data import DataError, registry
 from capsjax.data import tfds as tfds_source
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST_DIR = Path(os.environ.get("CAPSJAX_MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 SHAPE = (7, 5)  # tiny, non-square images: catches H/W mix-ups
@@ -369,14 +368,12 @@ def test_tfds_prepare_without_tensorflow_says_so(tfds, tmp_path, monkeypatch):
     assert (tmp_path / "tfds").is_dir()  # TFDS_DATA_DIR is honoured when set after TFDS was imported
 
 
-def test_tfds_real_prepare_from_local_files(tfds, tmp_path, monkeypatch):
+def test_tfds_real_prepare_from_local_files(tfds, tmp_path, monkeypatch, mnist_dir):
     """The real TFDS build (TensorFlow needed to prepare) from the local MNIST files, then read without TF's help."""
     pytest.importorskip("tensorflow")
-    if not MNIST_DIR.is_dir():
-        pytest.skip(f"MNIST IDX files not found in {MNIST_DIR}")
     raw = tmp_path / "raw"
     raw.mkdir()
-    for gz in MNIST_DIR.glob("*-ubyte.gz"):
+    for gz in mnist_dir.glob("*-ubyte.gz"):
         (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
     _fake_downloads(tfds, monkeypatch, raw)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
@@ -426,16 +423,15 @@ def test_synthetic_other_shapes():
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
-@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"MNIST IDX files not found in {MNIST_DIR}")
-def test_real_mnist():
-    before = _listing(MNIST_DIR)
-    x, y = datalib.load("mnist", "train", MNIST_DIR)
+def test_real_mnist(mnist_dir):
+    before = _listing(mnist_dir)
+    x, y = datalib.load("mnist", "train", mnist_dir)
     assert x.shape == (60000, 28, 28, 1) and x.dtype == np.uint8 and y.dtype == np.int32
     np.testing.assert_array_equal(y[:5], [5, 0, 4, 1, 9])
-    tx, ty = datalib.load("mnist", "test", MNIST_DIR)
+    tx, ty = datalib.load("mnist", "test", mnist_dir)
     assert tx.shape == (10000, 28, 28, 1)
     np.testing.assert_array_equal(np.bincount(ty, minlength=10), MNIST_TEST_COUNTS)
-    assert _listing(MNIST_DIR) == before
+    assert _listing(mnist_dir) == before
 
 
 @pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"Fashion-MNIST not found in {FASHION_DIR}")

@@ -8,7 +8,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "capsnet_tpu.ipynb"
-MNIST_DIR = Path(os.environ.get("CAPSJAX_MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
 
 
 def test_committed_notebook_has_no_outputs():
@@ -22,21 +21,19 @@ def test_committed_notebook_has_no_outputs():
 
 
 @pytest.mark.slow
-def test_notebook_runs_in_tiny_mode(tmp_path, monkeypatch):
+def test_notebook_runs_in_tiny_mode(tmp_path, monkeypatch, mnist_dir):
     nbformat = pytest.importorskip("nbformat", reason="the notebook extra is not installed")
     nbclient = pytest.importorskip("nbclient", reason="the notebook extra is not installed")
     pytest.importorskip("ipykernel", reason="the notebook extra is not installed")
-    if not (MNIST_DIR / "train-images-idx3-ubyte.gz").exists() and not (MNIST_DIR / "train-images-idx3-ubyte").exists():
-        pytest.skip(f"no MNIST IDX files in {MNIST_DIR} (set CAPSJAX_MNIST_DIR)")
 
     workdir = tmp_path / "run"
     # The kernel is a new process: it inherits these, not the test process's JAX state. Two simulated CPU devices
     # make the notebook's training data-parallel, as on a TPU.
     monkeypatch.setenv("CAPSJAX_NOTEBOOK_TINY", "1")
-    monkeypatch.setenv("CAPSJAX_DATA_DIR", str(MNIST_DIR))
+    monkeypatch.setenv("CAPSJAX_DATA_DIR", str(mnist_dir))
     monkeypatch.setenv("CAPSJAX_NOTEBOOK_WORKDIR", str(workdir))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "2")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend puts the figures in the outputs
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)

@@ -20,7 +20,6 @@ from capsjax.steps import MAX_IN_FLIGHT, LossConfig, OptimConfig, init_state, ma
 from capsjax.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST_DIR = Path(os.environ.get("CAPSJAX_MNIST_DIR", ROOT.parent / "shared" / "data" / "mnist"))
 
 TINY = ModelConfig(
     conv1_channels=16, primary_maps=4, primary_dim=4, class_dim=8, decoder_hidden=(32, 64)
@@ -159,23 +158,6 @@ def test_resume_continues_exactly(tmp_path):
     assert {"train", "validation", "test"} <= {line["split"] for line in lines}
 
 
-def test_resume_refuses_another_model_and_broken_checkpoints(tmp_path):
-    from capsjax.checkpoint import CheckpointError
-
-    config = dataclasses.replace(SMOKE, epochs=1, train_examples=64)
-    train_and_evaluate(config, tmp_path)
-    other = dataclasses.replace(config, model=dataclasses.replace(config.model, class_dim=4))
-    with pytest.raises(ConfigError, match="another model"):
-        train_and_evaluate(other, tmp_path)
-    # damage every array file of the latest checkpoint
-    latest = max((tmp_path / "checkpoints").iterdir(), key=lambda p: int(p.name))
-    for f in (latest / "state").rglob("*"):
-        if f.is_file() and f.stat().st_size > 100:
-            f.write_bytes(b"\0" * 10)
-    with pytest.raises(CheckpointError, match=str(latest.name)):
-        train_and_evaluate(dataclasses.replace(config, epochs=2), tmp_path)
-
-
 def test_non_finite_loss_stops_training(tmp_path):
     from capsjax.train import TrainingDiverged
 
@@ -195,7 +177,7 @@ def test_cli_smoke_train_then_eval(tmp_path):
     assert result.returncode == 0, result.stderr
     for name in ("config.json", "metrics.jsonl", "results.json"):
         assert (work / name).is_file(), name
-    assert any((work / "checkpoints").iterdir()) and any((work / "best").iterdir())
+    assert any((work / "checkpoints").iterdir()) and (work / "tensorboard").is_dir()
     assert load_config(work / "config.json").dataset == "synthetic"
     result = _run("eval.py", "--workdir", str(work), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -230,8 +212,7 @@ def test_eval_cli_on_missing_workdir(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"MNIST IDX files not found in {MNIST_DIR}")
-def test_short_mnist_run_reaches_accuracy(tmp_path):
+def test_short_mnist_run_reaches_accuracy(tmp_path, mnist_dir):
     """4,000 real MNIST training images, 3 epochs of a narrower CapsNet (64 conv1 channels, 16 primary capsule maps):
     >= 95% on the full 10,000-image test set.
 
@@ -240,7 +221,7 @@ def test_short_mnist_run_reaches_accuracy(tmp_path):
     config = dataclasses.replace(
         get_config("default"),
         model=dataclasses.replace(ModelConfig(), conv1_channels=64, primary_maps=16),
-        data_dir=str(MNIST_DIR),
+        data_dir=str(mnist_dir),
         train_examples=4000,
         validation_examples=0,
         batch_size=64,

@@ -1,0 +1,113 @@
+"""Two processes on localhost, each with two simulated CPU devices, as one data-parallel run through the CLI:
+kill -9 and resume, SIGTERM to one process, a work directory that is not shared, and a peer that dies."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ("--preset", "smoke", "--quiet", "--epochs", "4", "--set", "tensorboard=false", "--set", "checkpoint_every_steps=4")
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices), **extra}
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _pair(workdirs, port, **env):
+    """Starts processes 0 and 1 (``workdirs``: one path for both, or one each)."""
+    if not isinstance(workdirs, (list, tuple)):
+        workdirs = (workdirs, workdirs)
+    return [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *ARGS, "--workdir", str(w), "--coordinator-address",
+             f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+            env=_env(2, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for i, w in enumerate(workdirs)
+    ]
+
+
+def _wait_for_checkpoint(workdir: Path, step: int, procs, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while not (workdir / "checkpoints" / str(step)).is_dir():
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.2)
+
+
+def _finish(procs, timeout=300):
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append((p.returncode, stdout, stderr))
+    return out
+
+
+def _params(workdir):
+    from capsjax.evaluate import load_run
+
+    return jax.device_get(load_run(workdir, "latest", log=lambda _: None).params)
+
+
+def test_two_processes_resume_after_kill_and_sigterm_and_match_one_process(tmp_path):
+    work = tmp_path / "two"
+    procs = _pair(work, _free_port())
+    _wait_for_checkpoint(work, 4, procs)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    _finish(procs)
+    procs = _pair(work, _free_port())  # resumes from step 4; SIGTERM to process 1 only, once step 8 is saved
+    _wait_for_checkpoint(work, 8, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    results = _finish(procs)
+    stops = []
+    for code, stdout, stderr in results:
+        assert code in (0, 128 + signal.SIGTERM), stderr[-3000:]
+        if code:
+            assert "Traceback" not in stderr and "Check failure" not in stderr, stderr[-3000:]
+            stops.append(stderr.split("stopped at step ")[1].split(";")[0])
+    assert len(set(stops)) <= 1  # both processes stop at the same step
+    results = _finish(_pair(work, _free_port()))
+    assert all(code == 0 for code, _, _ in results), results[0][2][-3000:]
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *ARGS, "--workdir", str(tmp_path / "one")],
+                         env=_env(4), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    for a, b in zip(jax.tree.leaves(_params(work)), jax.tree.leaves(_params(tmp_path / "one"))):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_a_workdir_that_is_not_shared_is_a_clear_error(tmp_path):
+    procs = _pair([tmp_path / "host0", tmp_path / "host1"], _free_port(), CAPSJAX_SHARED_TIMEOUT_S="5")
+    for code, _, stderr in _finish(procs):
+        assert code == 1 and "is not shared between the processes" in stderr, stderr[-3000:]
+        assert "Traceback" not in stderr
+
+
+def test_a_dead_peer_ends_the_other_process_with_one_line(tmp_path):
+    work = tmp_path / "w"
+    procs = _pair(work, _free_port(), CAPSJAX_PEER_TIMEOUT_S="8")
+    _wait_for_checkpoint(work, 4, procs)
+    procs[1].send_signal(signal.SIGKILL)
+    started = time.monotonic()
+    code, _, stderr = _finish(procs[:1], timeout=120)[0]
+    procs[1].wait()
+    assert code == 1 and time.monotonic() - started < 60, stderr[-3000:]
+    assert "process 1 stopped responding" in stderr or "died" in stderr, stderr[-3000:]
+    assert "Check failure" not in stderr and "Traceback" not in stderr, stderr[-3000:]
