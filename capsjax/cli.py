@@ -132,22 +132,23 @@ def train_main(argv: list[str] | None = None, prog: str = "capsjax-train") -> in
     (0 done, 1 checkpoint, divergence, busy work directory or multi-process error, 2 bad configuration or data,
     128 + the signal's number when stopped by SIGTERM / SIGINT after saving)."""
     args = build_train_parser(prog).parse_args(argv)
+    from capsjax import distributed
     from capsjax.checkpoint import CheckpointError, quiet_logs
     from capsjax.config import ConfigError, to_dict
     from capsjax.data import DataError
-    from capsjax.distributed import DistributedError
+    from capsjax.train import Preempted, TrainingDiverged
+    from capsjax.workdir import WorkdirBusy
 
     verbose = _verbose(args)
     quiet_logs(verbose)
+    multi, stop = False, None
     try:
         config = resolve_train_config(args)
         if args.print_config:
             print(json.dumps(to_dict(config), indent=2))
             return 0
-        from capsjax import distributed
         from capsjax.fast.hostmem import trim_after_compiles
-        from capsjax.train import Preempted, TrainingDiverged, train_and_evaluate
-        from capsjax.workdir import WorkdirBusy
+        from capsjax.train import train_and_evaluate
 
         launch = (args.coordinator_address, args.num_processes, args.process_id)
         multi = args.distributed or any(v is not None for v in distributed.settings(*launch))
@@ -156,20 +157,26 @@ def train_main(argv: list[str] | None = None, prog: str = "capsjax-train") -> in
         trim_after_compiles()  # the compiler's freed heap back to the system before the steps' scratch is taken
         stop = _StopOnSignal(multi, prog)
         train_and_evaluate(config, args.workdir or f"runs/{args.preset}", should_stop=lambda: stop.requested)
-    except (ConfigError, DataError) as err:
-        return _fail(prog, err, 2, verbose)
-    except (CheckpointError, TrainingDiverged, WorkdirBusy, DistributedError) as err:
-        return _fail(prog, err, 1, verbose)
-    except Preempted as err:
+        return 0
+    except Preempted as err:  # every process stopped at the same step: a normal exit
         print(f"{prog}: {err}", file=sys.stderr)
         return stop.exit_code()
+    except (ConfigError, DataError) as err:
+        code = _fail(prog, err, 2, verbose)
+    except (CheckpointError, TrainingDiverged, WorkdirBusy, distributed.DistributedError) as err:
+        code = _fail(prog, err, 1, verbose)
     except KeyboardInterrupt:
-        return _fail(prog, "interrupted", 130, verbose)
+        code = _fail(prog, "interrupted", 130, verbose)
     except Exception as err:  # anything else: one line, the traceback on request
         if verbose:
             raise
-        return _fail(prog, f"{type(err).__name__}: {err} (rerun with --verbose for the traceback)", 1, verbose)
-    return 0
+        if multi and distributed.is_peer_failure(err):
+            code = _fail(prog, distributed.peer_failure_message(err), 1)
+        else:
+            code = _fail(prog, f"{type(err).__name__}: {err} (rerun with --verbose for the traceback)", 1, verbose)
+    if multi:
+        distributed.leave(code)  # without the shutdown barrier, which peers that failed differently never reach
+    return code
 
 
 def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:

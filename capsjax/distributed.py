@@ -80,6 +80,29 @@ def initialize(
     PeerWatch(prog).start()
 
 
+_PEER_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Gloo", "heartbeat")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether a runtime error says a collective lost its connection to another process."""
+    return any(marker in str(err) for marker in _PEER_FAILURES)
+
+
+def peer_failure_message(err: BaseException) -> str:
+    detail = "connection reset by peer" if "reset" in str(err) else str(err).strip().splitlines()[0][:120]
+    return (f"lost contact with another process of this run ({detail}): it died or its host went down; "
+            f"{_RESUME_HINT}")  # fmt: skip
+
+
+def leave(code: int) -> None:
+    """Ends a process of a multi-process run that failed, skipping JAX's shutdown barrier (which a peer that failed
+    elsewhere never reaches, so the runtime would abort): the peers see this process stop and end with one line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(0.2)  # let the stderr filter pass the last lines on
+    os._exit(code)
+
+
 def _backend_started() -> bool:
     from jax._src import xla_bridge
 
@@ -272,7 +295,7 @@ class _NativeStderr(threading.Thread):
                     os.write(_NativeStderr.real_fd, line + b"\n")
 
     def _drain(self) -> None:
-        """At exit: route stderr back and let the thread pass on what is still in the pipe."""
+        """At exit: let the thread pass on what is in the pipe. The filter stays in place for JAX's shutdown, which
+        runs after this and aborts if a peer failed."""
         sys.stderr.flush()
-        os.dup2(_NativeStderr.real_fd, 2)
-        self.join(timeout=2.0)
+        time.sleep(0.1)
