@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from capsjax.ops import reduction_dtype
+
 _GATHER_MIN_CHANNELS = 16  # below this a pixel is too short for a gather to beat slicing
 _ROW_LOOP_MIN_CHANNELS = 16  # below this a row of patches is too narrow for an efficient product
 
@@ -184,7 +186,7 @@ def _row_loop_matmul_fwd(x, kernel, stride):
     batch, height, width, _ = x.shape
     oh, ow = conv_output_size(height, kh, stride), conv_output_size(width, kw, stride)
     x_phased = _rows_by_phase(x, stride)
-    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    acc_dtype = reduction_dtype(x.dtype)
 
     def add_row(acc, i_and_kernel_row):
         i, kernel_row = i_and_kernel_row
@@ -202,7 +204,7 @@ def _row_loop_matmul_bwd(stride, residuals, cotangent):
     oh = conv_output_size(height, kh, stride)
     x_phased = _rows_by_phase(x, stride)
     cotangent = cotangent.reshape(-1, c_out)
-    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    acc_dtype = reduction_dtype(x.dtype)
 
     def row_grads(x_grad, i_and_kernel_row):
         i, kernel_row = i_and_kernel_row

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from capsjax.ops import squash
+from capsjax.ops import reduction_dtype, squash
 
 __all__ = ["parent_major_predictions", "parent_major_routing"]
 
@@ -89,7 +89,7 @@ def parent_major_routing(
         raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
     if u_hat.ndim < 3:
         raise ValueError(f"u_hat must have shape [..., n_out, n_in, d], got {u_hat.shape}")
-    u = u_hat.astype(jnp.promote_types(u_hat.dtype, jnp.float32))
+    u = u_hat.astype(reduction_dtype(u_hat.dtype))
     u_for_logits = lax.stop_gradient(u) if stop_gradient else u
     n_out = u.shape[-3]
 
