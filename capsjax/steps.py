@@ -16,7 +16,8 @@ from flax import nnx, struct
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from capsjax import ops
-from capsjax.model import CapsNet, ModelConfig
+from capsjax.config import LossConfig, ModelConfig, OptimConfig
+from capsjax.model import CapsNet
 
 # How many steps the host may dispatch ahead of the devices. Two keep an accelerator's queue full; an unbounded queue
 # is what deadlocks XLA:CPU's in-process collectives (several CPU devices in one process, e.g. with
@@ -28,27 +29,6 @@ def wait_for_queue(dispatched: list) -> None:
     """Blocks until at most :data:`MAX_IN_FLIGHT` of ``dispatched`` (step results, oldest first) are still running."""
     if len(dispatched) > MAX_IN_FLIGHT:
         jax.block_until_ready(dispatched[-MAX_IN_FLIGHT - 1])
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """The terms of the training objective (the paper's by default)."""
-
-    m_plus: float = 0.9
-    m_minus: float = 0.1
-    lambda_: float = 0.5
-    recon_weight: float = 0.0005
-    recon_reduction: str = "sum"  # "sum" (paper) or "mean" (the tutorial's, 784x weaker on MNIST)
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Adam with exponential learning-rate decay: ``lr * decay_rate ** (step / decay_steps)``."""
-
-    learning_rate: float = 1e-3
-    decay_rate: float = 0.96
-    decay_steps: int = 2000
-    staircase: bool = False
 
 
 class TrainState(struct.PyTreeNode):

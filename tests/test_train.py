@@ -10,13 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh
 
 from capsjax import data as datalib
-from capsjax.config import ConfigError, TrainConfig, get_config, load_config, replace_path
-from capsjax.model import ModelConfig
-from capsjax.steps import MAX_IN_FLIGHT, LossConfig, OptimConfig, init_state, make_steps
+from capsjax.config import ConfigError, LossConfig, ModelConfig, OptimConfig, get_config, load_config, replace_path
+from capsjax.steps import MAX_IN_FLIGHT, init_state, make_steps
 from capsjax.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
