@@ -110,6 +110,20 @@ def test_eval_step_masks_padding_and_counts_confusion():
     np.testing.assert_allclose(first20["accuracy"], np.mean(preds == labels[:20]))
 
 
+def test_eval_step_loss_equals_train_step_loss():
+    """The two steps share one loss: on an unpadded batch the eval step's sums over the count are the train step's
+    batch means (no augmentation; labels set to the predictions, so both decode the same capsule)."""
+    graphdef, state = init_state(TINY, OptimConfig(), seed=0)
+    steps = make_steps(graphdef, OptimConfig(), LossConfig(recon_reduction="mean"))  # both steps take this config
+    images, _ = _batch(16)
+    labels = np.asarray(steps.predict(state.params, images).lengths).argmax(-1).astype(np.int32)
+    sums = jax.device_get(steps.evaluate(state.params, images, labels, np.ones(16, np.int32)))
+    _, metrics = steps.train(state, images, labels)
+    for name in ("loss", "margin_loss", "recon_loss"):
+        np.testing.assert_allclose(sums[name] / sums["count"], metrics[name], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(sums["correct"] / sums["count"], metrics["accuracy"])
+
+
 def test_config_overrides_and_round_trip(tmp_path):
     config = get_config("default")
     assert (config.batch_size, config.optim.decay_rate, config.max_shift) == (128, 0.96, 2)
