@@ -181,7 +181,7 @@ def make_steps(
         weight = mask.astype(jnp.float32)
         terms = per_example_losses(out, images, labels, loss_config)
         sums = {name: jnp.sum(term * weight) for name, term in terms.items()}
-        sums["correct"] = jnp.sum((preds == labels) * weight)
+        sums["correct"] = jnp.sum(jnp.where(preds == labels, weight, 0.0))
         sums["count"] = jnp.sum(weight)
         sums["confusion"] = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, preds].add(mask.astype(jnp.int32))
         return sums
