@@ -14,20 +14,15 @@ import statistics
 import time
 
 import jax
-import numpy as np
+from _setup import build, random_batch
 
-from capsjax.model import ModelConfig
-from capsjax.steps import OptimConfig, init_state, make_steps
+from capsjax.config import ModelConfig
 
 
 def time_train_step(kernels: str, batch_size: int, steps: int) -> tuple[float, float]:
     """(compile + first step seconds, median seconds of the following steps)."""
-    model_config = dataclasses.replace(ModelConfig(), kernels=kernels)
-    graphdef, state = init_state(model_config, OptimConfig(), seed=0)
-    step_fns = make_steps(graphdef, OptimConfig())
-    rng = np.random.default_rng(0)
-    images = jax.device_put(rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8), step_fns.data_sharding)
-    labels = jax.device_put(rng.integers(0, 10, (batch_size,)).astype(np.int32), step_fns.data_sharding)
+    step_fns, state = build(dataclasses.replace(ModelConfig(), kernels=kernels), max_shift=0)
+    images, labels = random_batch(step_fns, batch_size)
     start = time.perf_counter()
     state, metrics = step_fns.train(state, images, labels)
     jax.block_until_ready(metrics)

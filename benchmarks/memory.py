@@ -31,13 +31,11 @@ import numpy as np
 def scratch_mib(batch_sizes: list[int], dtype: str) -> list[float]:
     """XLA's scratch memory of the default train step per batch size (compiled for abstract inputs, never run)."""
     import jax
+    from _setup import build
 
-    from capsjax.model import ModelConfig
-    from capsjax.steps import OptimConfig, init_state, make_steps
+    from capsjax.config import ModelConfig
 
-    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-    graphdef, state = init_state(dataclasses.replace(ModelConfig(), conv_dtype=dtype), OptimConfig(), 0, mesh)
-    steps = make_steps(graphdef, OptimConfig(), max_shift=2, mesh=mesh)
+    steps, state = build(dataclasses.replace(ModelConfig(), conv_dtype=dtype), devices=1)
     sizes = []
     for batch in batch_sizes:
         images = jax.ShapeDtypeStruct((batch, 28, 28, 1), np.uint8, sharding=steps.data_sharding)

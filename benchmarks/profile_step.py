@@ -56,17 +56,10 @@ def op_table(trace_dir: Path, hlo_text: str, steps: int, top: int) -> list[str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import jax
-    import numpy as np
+    from _setup import build, random_batch
 
-    from capsjax.model import ModelConfig
-    from capsjax.steps import OptimConfig, init_state, make_steps
-
-    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-    graphdef, state = init_state(ModelConfig(), OptimConfig(), seed=0, mesh=mesh)
-    steps = make_steps(graphdef, OptimConfig(), max_shift=2, mesh=mesh)
-    rng = np.random.default_rng(0)
-    images = jax.device_put(rng.integers(0, 256, (args.batch_size, 28, 28, 1), dtype=np.uint8))
-    labels = jax.device_put(rng.integers(0, 10, args.batch_size).astype(np.int32))
+    steps, state = build(devices=1)
+    images, labels = random_batch(steps, args.batch_size)
     start = time.perf_counter()
     compiled = steps.train.lower(state, images, labels).compile()
     compile_s = time.perf_counter() - start

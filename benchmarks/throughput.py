@@ -62,25 +62,20 @@ def _measure(fn, args) -> tuple[float, list[float]]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import jax
-    import numpy as np
+    from _setup import build, random_batch
 
+    from capsjax.config import ModelConfig
     from capsjax.fast.hostmem import trim_after_compiles
-    from capsjax.model import ModelConfig
-    from capsjax.steps import OptimConfig, init_state, make_steps
 
     if not args.no_heap_trim:
         trim_after_compiles()  # as the training loop does
 
-    devices = jax.devices()[: args.devices] if args.devices else jax.devices()
-    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     model_config = dataclasses.replace(
         ModelConfig(), conv_dtype=args.dtype, kernels=args.kernels, routing_stop_gradient=args.routing_stop_gradient
     )
-    graphdef, state = init_state(model_config, OptimConfig(), seed=0, mesh=mesh)
-    steps = make_steps(graphdef, OptimConfig(), max_shift=2, mesh=mesh)
-    rng = np.random.default_rng(0)
-    images = jax.device_put(rng.integers(0, 256, (args.batch_size, 28, 28, 1), dtype=np.uint8), steps.data_sharding)
-    labels = jax.device_put(rng.integers(0, 10, args.batch_size).astype(np.int32), steps.data_sharding)
+    steps, state = build(model_config, devices=args.devices or None)
+    images, labels = random_batch(steps, args.batch_size)
+    devices = list(steps.mesh.devices.flat)
     result = {
         "batch_size": args.batch_size,
         "backend": jax.default_backend(),

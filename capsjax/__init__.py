@@ -1,12 +1,13 @@
 """capsjax: Capsule Networks (Sabour, Frosst & Hinton, 2017) in JAX and Flax.
 
-The pure capsule functions (:func:`squash`, :func:`safe_norm`, :func:`capsule_predictions`, :func:`dynamic_routing`,
-:func:`margin_loss`, :func:`reconstruction_loss`, :func:`mask_capsules`) and the Flax NNX modules (:class:`CapsNet` and
-its layers) are imported with the package. The trainer, the evaluator, the data pipeline and the figures are loaded on
-first use, so ``import capsjax`` does not pull in Orbax, Optax, TensorFlow Datasets or matplotlib:
-
-- :func:`train_and_evaluate` (``capsjax.train``) and :func:`predict` (``capsjax.evaluate``);
-- the submodules ``capsjax.data``, ``capsjax.config``, ``capsjax.evaluate`` and ``capsjax.viz``.
+The public API: the pure capsule functions (:func:`squash`, :func:`safe_norm`, :func:`capsule_predictions`,
+:func:`dynamic_routing`, :func:`margin_loss`, :func:`reconstruction_loss`, :func:`mask_capsules`), the Flax NNX modules
+(:class:`CapsNet` and its layers, :class:`ModelConfig`), :func:`train_and_evaluate` (``capsjax.train``) and
+:func:`predict` (``capsjax.evaluate``), and the submodules ``capsjax.config``, ``capsjax.data``, ``capsjax.evaluate``
+and ``capsjax.viz``. Each is imported on first use, so ``import capsjax`` loads nothing but this file, and
+``import capsjax.config`` (the settings, a leaf) loads neither JAX nor Flax; JAX and Flax come with the first
+function or module used, Orbax, Optax, TensorFlow Datasets and matplotlib only with the trainer, the evaluator, the
+data package and the figures.
 """
 
 from __future__ import annotations
@@ -14,45 +15,35 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules
-from capsjax.model import CapsNet, CapsNetOutput, ModelConfig, count_params
-from capsjax.ops import capsule_predictions, dynamic_routing, margin_loss, mask_capsules, reconstruction_loss, safe_norm, squash
-
 if TYPE_CHECKING:
-    from capsjax import config, data, evaluate, viz  # noqa: F401
+    from capsjax import config, data, evaluate, fast, layers, model, ops, viz  # noqa: F401
+    from capsjax.config import ModelConfig
+    from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules
+    from capsjax.model import CapsNet, CapsNetOutput, count_params
+    from capsjax.ops import capsule_predictions, dynamic_routing, margin_loss, mask_capsules, reconstruction_loss, safe_norm, squash
     from capsjax.evaluate import predict
     from capsjax.train import train_and_evaluate
 
 __version__ = "0.1.0"
 
-__all__ = [  # noqa: RUF022 (grouped: functions, layers, model, training)
-    "safe_norm",
-    "squash",
-    "capsule_predictions",
-    "dynamic_routing",
-    "margin_loss",
-    "reconstruction_loss",
-    "mask_capsules",
-    "Conv2D",
-    "PrimaryCapsules",
-    "RoutingCapsules",
-    "Decoder",
-    "CapsNet",
-    "CapsNetOutput",
-    "ModelConfig",
-    "count_params",
-    "train_and_evaluate",
-    "predict",
-]
+# The public names by the module that defines them; each is imported on first access (PEP 562).
+_EXPORTS = {
+    "capsjax.ops": ("safe_norm", "squash", "capsule_predictions", "dynamic_routing", "margin_loss",
+                    "reconstruction_loss", "mask_capsules"),
+    "capsjax.layers": ("Conv2D", "PrimaryCapsules", "RoutingCapsules", "Decoder"),
+    "capsjax.model": ("CapsNet", "CapsNetOutput", "count_params"),
+    "capsjax.config": ("ModelConfig",),
+    "capsjax.train": ("train_and_evaluate",),
+    "capsjax.evaluate": ("predict",),
+}  # fmt: skip
+_SUBMODULES = ("ops", "layers", "model", "fast", "config", "data", "evaluate", "viz")
 
-# name -> (module, attribute); attribute None: the module itself. Imported on first access (PEP 562).
+__all__ = [name for names in _EXPORTS.values() for name in names]  # noqa: PLE0605 (built from the table above)
+
+# name -> (module, attribute); attribute None: the module itself.
 _LAZY = {
-    "train_and_evaluate": ("capsjax.train", "train_and_evaluate"),
-    "predict": ("capsjax.evaluate", "predict"),
-    "config": ("capsjax.config", None),
-    "data": ("capsjax.data", None),
-    "evaluate": ("capsjax.evaluate", None),
-    "viz": ("capsjax.viz", None),
+    **{name: (module, name) for module, names in _EXPORTS.items() for name in names},
+    **{name: (f"capsjax.{name}", None) for name in _SUBMODULES},
 }
 
 

@@ -1,4 +1,8 @@
-"""Training configuration: one frozen dataclass, named presets, dotted overrides, JSON round trip."""
+"""Every setting as frozen dataclasses, named presets, dotted overrides, JSON round trip.
+
+A leaf: it imports only the standard library, so the CLIs, the data package and the tools can read and write configs
+without loading JAX, Flax or Optax. :class:`ModelConfig` is re-exported by :mod:`capsjax.model` and :mod:`capsjax`.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,94 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from capsjax.model import ModelConfig
-from capsjax.steps import LossConfig, OptimConfig
+KERNELS = ("auto", "fast", "textbook")  # ModelConfig.kernels; "auto": "fast" on the CPU backend (capsjax.layers)
+CONV_DTYPES = ("bfloat16", "float16", "float32")  # ModelConfig.conv_dtype
 
 
 class ConfigError(ValueError):
     """A preset, override or config file that cannot be used; the message says what to change."""
+
+
+def check_kernels(kernels: str) -> None:
+    """Raises unless ``kernels`` is one of :data:`KERNELS` (without asking JAX for its backend)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+
+
+def conv_output_size(size: int, kernel: int, stride: int) -> int:
+    """Spatial size of a VALID convolution's output; raises if the kernel does not fit."""
+    if size < kernel:
+        raise ValueError(f"a {kernel}x{kernel} kernel does not fit an input of size {size}")
+    return (size - kernel) // stride + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every size of the network. The defaults are the paper's MNIST model (8,215,568 parameters)."""
+
+    image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C
+    num_classes: int = 10
+    conv1_channels: int = 256
+    conv1_kernel: int = 9
+    primary_maps: int = 32  # capsule types in the primary layer
+    primary_dim: int = 8
+    primary_kernel: int = 9
+    primary_stride: int = 2
+    class_dim: int = 16  # pose dimension of the class ("digit") capsules
+    routing_iterations: int = 3
+    routing_stop_gradient: bool = False
+    routing_bias: bool = False  # the per-parent bias of the authors' released code (+ num_classes * class_dim params)
+    routing_init_std: float = 0.1
+    decoder_hidden: tuple[int, ...] = (512, 1024)
+    use_decoder: bool = True
+    kernels: str = "auto"  # "auto" | "fast" | "textbook": capsjax.fast or capsjax.ops (see capsjax.layers)
+    conv_dtype: str = "float32"  # compute dtype of the two convolutions ("bfloat16" on accelerators); routing stays fp32
+
+    def __post_init__(self):
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
+            raise ValueError(f"image_shape must be (height, width, channels), got {self.image_shape}")
+        if self.routing_iterations < 1:
+            raise ValueError(f"routing_iterations must be >= 1, got {self.routing_iterations}")
+        if self.conv_dtype not in CONV_DTYPES:
+            raise ValueError(f"conv_dtype must be one of {list(CONV_DTYPES)}, got {self.conv_dtype!r}")
+        check_kernels(self.kernels)  # "auto" is resolved in the layers: here it would start JAX's backend
+        self.primary_grid  # raises if the convolution kernels do not fit the image
+
+    @property
+    def primary_grid(self) -> tuple[int, int]:
+        """Spatial size of the primary-capsule grid (6 x 6 for MNIST)."""
+        height, width, _ = self.image_shape
+        return tuple(
+            conv_output_size(conv_output_size(size, self.conv1_kernel, 1), self.primary_kernel, self.primary_stride)
+            for size in (height, width)
+        )
+
+    @property
+    def num_primary_capsules(self) -> int:
+        """Number of primary capsules (1152 for MNIST)."""
+        gh, gw = self.primary_grid
+        return gh * gw * self.primary_maps
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The terms of the training objective (the paper's by default)."""
+
+    m_plus: float = 0.9
+    m_minus: float = 0.1
+    lambda_: float = 0.5
+    recon_weight: float = 0.0005
+    recon_reduction: str = "sum"  # "sum" (paper) or "mean" (the tutorial's, 784x weaker on MNIST)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Adam with exponential learning-rate decay: ``lr * decay_rate ** (step / decay_steps)``."""
+
+    learning_rate: float = 1e-3
+    decay_rate: float = 0.96
+    decay_steps: int = 2000
+    staircase: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Flax NNX modules that hold the parameters and call the pure functions of :mod:`capsjax.ops`.
 
-One switch, ``kernels``, chooses how the convolutions and the routing layer compute (:data:`KERNELS`):
+One switch, ``kernels``, chooses how the convolutions and the routing layer compute (:data:`capsjax.config.KERNELS`):
 ``"textbook"`` uses XLA's native convolution, :func:`capsjax.ops.capsule_predictions` and
 :func:`capsjax.ops.dynamic_routing`; ``"fast"`` uses their XLA:CPU-tuned equivalents in :mod:`capsjax.fast` (the same
 values and gradients, tested); ``"auto"`` (the default) means ``"fast"`` on the CPU backend and ``"textbook"`` on any
@@ -18,14 +18,7 @@ from flax import nnx
 from jax import lax
 
 from capsjax import fast, ops
-
-KERNELS = ("auto", "fast", "textbook")
-
-
-def check_kernels(kernels: str) -> None:
-    """Raises unless ``kernels`` is one of :data:`KERNELS` (without asking JAX for its backend)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+from capsjax.config import check_kernels
 
 
 def resolve_kernels(kernels: str) -> str:
@@ -109,7 +102,7 @@ class RoutingCapsules(nnx.Module):
     """Fully connected capsule layer with routing by agreement.
 
     Holds ``W`` of shape ``[n_in, n_out, d_out, d_in]``; the predictions ``u_hat[..., i, j] = W[i, j] @ u[..., i]``
-    use ``W`` shared across the batch, never tiled. ``kernels`` (:data:`KERNELS`) chooses
+    use ``W`` shared across the batch, never tiled. ``kernels`` (:data:`capsjax.config.KERNELS`) chooses
     :func:`capsjax.ops.capsule_predictions` + :func:`capsjax.ops.dynamic_routing` or their parent-major equivalents
     in :mod:`capsjax.fast.routing`; the fast form is differentiable in reverse mode (``jax.grad``, ``jax.vjp``) but
     not in forward mode (``jax.jvp``). ``use_bias`` adds the per-parent bias of the authors' released code to ``s_j``

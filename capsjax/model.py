@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -10,58 +9,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from capsjax import ops
-from capsjax.fast.conv import conv_output_size
-from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules, check_kernels
+from capsjax.config import ModelConfig
+from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Every size of the network. The defaults are the paper's MNIST model (8,215,568 parameters)."""
-
-    image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C
-    num_classes: int = 10
-    conv1_channels: int = 256
-    conv1_kernel: int = 9
-    primary_maps: int = 32  # capsule types in the primary layer
-    primary_dim: int = 8
-    primary_kernel: int = 9
-    primary_stride: int = 2
-    class_dim: int = 16  # pose dimension of the class ("digit") capsules
-    routing_iterations: int = 3
-    routing_stop_gradient: bool = False
-    routing_bias: bool = False  # the per-parent bias of the authors' released code (+ num_classes * class_dim params)
-    routing_init_std: float = 0.1
-    decoder_hidden: tuple[int, ...] = (512, 1024)
-    use_decoder: bool = True
-    kernels: str = "auto"  # "auto" | "fast" | "textbook": capsjax.fast or capsjax.ops (see capsjax.layers)
-    conv_dtype: str = "float32"  # compute dtype of the two convolutions ("bfloat16" on accelerators); routing stays fp32
-
-    def __post_init__(self):
-        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
-            raise ValueError(f"image_shape must be (height, width, channels), got {self.image_shape}")
-        if self.routing_iterations < 1:
-            raise ValueError(f"routing_iterations must be >= 1, got {self.routing_iterations}")
-        if self.conv_dtype not in _DTYPES:
-            raise ValueError(f"conv_dtype must be one of {sorted(_DTYPES)}, got {self.conv_dtype!r}")
-        check_kernels(self.kernels)  # "auto" is resolved in the layers: here it would start JAX's backend
-        self.primary_grid  # raises if the convolution kernels do not fit the image
-
-    @property
-    def primary_grid(self) -> tuple[int, int]:
-        """Spatial size of the primary-capsule grid (6 x 6 for MNIST)."""
-        height, width, _ = self.image_shape
-        return tuple(
-            conv_output_size(conv_output_size(size, self.conv1_kernel, 1), self.primary_kernel, self.primary_stride)
-            for size in (height, width)
-        )
-
-    @property
-    def num_primary_capsules(self) -> int:
-        """Number of primary capsules (1152 for MNIST)."""
-        gh, gw = self.primary_grid
-        return gh * gw * self.primary_maps
 
 
 class CapsNetOutput(NamedTuple):

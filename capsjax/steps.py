@@ -16,7 +16,9 @@ from flax import nnx, struct
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from capsjax import ops
-from capsjax.model import CapsNet, ModelConfig
+from capsjax.config import LossConfig, ModelConfig, OptimConfig
+from capsjax.model import CapsNet
+
 
 # How many steps the host may dispatch ahead of the devices. Two keep an accelerator's queue full; an unbounded queue
 # is what deadlocks XLA:CPU's in-process collectives (several CPU devices in one process, e.g. with
@@ -30,27 +32,6 @@ def wait_for_queue(dispatched: list) -> None:
         jax.block_until_ready(dispatched[-MAX_IN_FLIGHT - 1])
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """The terms of the training objective (the paper's by default)."""
-
-    m_plus: float = 0.9
-    m_minus: float = 0.1
-    lambda_: float = 0.5
-    recon_weight: float = 0.0005
-    recon_reduction: str = "sum"  # "sum" (paper) or "mean" (the tutorial's, 784x weaker on MNIST)
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Adam with exponential learning-rate decay: ``lr * decay_rate ** (step / decay_steps)``."""
-
-    learning_rate: float = 1e-3
-    decay_rate: float = 0.96
-    decay_steps: int = 2000
-    staircase: bool = False
-
-
 class TrainState(struct.PyTreeNode):
     """Everything that changes during training; a pytree, so it is jitted, sharded and checkpointed whole."""
 
@@ -60,19 +41,17 @@ class TrainState(struct.PyTreeNode):
     key: jax.Array  # raw data of the base key (uint32); step keys are fold_in(key, step)
 
 
-def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
-    """Adam (default betas) with the exponential decay schedule."""
-    schedule = optax.exponential_decay(
+def make_schedule(config: OptimConfig) -> optax.Schedule:
+    """The learning rate by step: ``learning_rate * decay_rate ** (step / decay_steps)`` (floored with ``staircase``).
+    The optimizer follows it and the train step logs it."""
+    return optax.exponential_decay(
         config.learning_rate, config.decay_steps, config.decay_rate, staircase=config.staircase
     )
-    return optax.adam(schedule)
 
 
-def learning_rate_at(config: OptimConfig, step) -> jax.Array:
-    """The scheduled learning rate at ``step``."""
-    return optax.exponential_decay(config.learning_rate, config.decay_steps, config.decay_rate, staircase=config.staircase)(
-        step
-    )
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    """Adam (default betas) following :func:`make_schedule`."""
+    return optax.adam(make_schedule(config))
 
 
 def to_unit_float(images: jax.Array) -> jax.Array:
@@ -82,16 +61,23 @@ def to_unit_float(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32)
 
 
-def compute_losses(output, images: jax.Array, labels: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
-    """Batch means of the loss terms and the accuracy for one model output."""
+def per_example_losses(output, images: jax.Array, labels: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
+    """The objective's terms per example, each ``[B]``: ``margin_loss``, ``recon_loss`` (with a decoder) and their
+    weighted sum ``loss``. The train step takes their batch mean, the eval step their sum over unpadded examples."""
     margin = ops.margin_loss(output.lengths, labels, config.m_plus, config.m_minus, config.lambda_)
-    metrics = {"margin_loss": jnp.mean(margin)}
+    terms = {"margin_loss": margin}
     loss = margin
     if output.reconstructions is not None:
         recon = ops.reconstruction_loss(images, output.reconstructions, config.recon_reduction)
-        metrics["recon_loss"] = jnp.mean(recon)
+        terms["recon_loss"] = recon
         loss = loss + config.recon_weight * recon
-    metrics["loss"] = jnp.mean(loss)
+    terms["loss"] = loss
+    return terms
+
+
+def compute_losses(output, images: jax.Array, labels: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
+    """Batch means of :func:`per_example_losses` and, for int labels, the accuracy (the train step's metrics)."""
+    metrics = {name: jnp.mean(term) for name, term in per_example_losses(output, images, labels, config).items()}
     if labels.ndim == 1:
         metrics["accuracy"] = jnp.mean(jnp.argmax(output.lengths, axis=-1) == labels)
     return metrics
@@ -161,7 +147,7 @@ def make_steps(
     ``fold_in(state.key, state.step)``; by default it is the random shift of up to ``max_shift`` pixels.
     """
     mesh = mesh or default_mesh()
-    tx = make_optimizer(optim_config)
+    tx, schedule = make_optimizer(optim_config), make_schedule(optim_config)
     if augment is None and max_shift > 0:
         from capsjax.data.augment import random_shift
 
@@ -178,9 +164,10 @@ def make_steps(
         if augment is not None:
             images = augment(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step), images)
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, images, labels)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 count with float32 moments
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics["learning_rate"] = learning_rate_at(optim_config, state.step)
+        metrics["learning_rate"] = schedule(state.step)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -191,21 +178,13 @@ def make_steps(
         model = nnx.merge(graphdef, params)
         out = model(images)
         num_classes = out.lengths.shape[-1]
-        margin = ops.margin_loss(out.lengths, labels, loss_config.m_plus, loss_config.m_minus, loss_config.lambda_)
         preds = jnp.argmax(out.lengths, axis=-1)
         weight = mask.astype(jnp.float32)
-        sums = {
-            "margin_loss": jnp.sum(margin * weight),
-            "correct": jnp.sum((preds == labels) * weight),
-            "count": jnp.sum(weight),
-            "confusion": jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, preds].add(mask.astype(jnp.int32)),
-        }
-        loss = margin
-        if out.reconstructions is not None:
-            recon = ops.reconstruction_loss(images, out.reconstructions, loss_config.recon_reduction)
-            sums["recon_loss"] = jnp.sum(recon * weight)
-            loss = loss + loss_config.recon_weight * recon
-        sums["loss"] = jnp.sum(loss * weight)
+        terms = per_example_losses(out, images, labels, loss_config)
+        sums = {name: jnp.sum(term * weight) for name, term in terms.items()}
+        sums["correct"] = jnp.sum(jnp.where(preds == labels, weight, 0.0))
+        sums["count"] = jnp.sum(weight)
+        sums["confusion"] = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, preds].add(mask.astype(jnp.int32))
         return sums
 
     def predict_step(params, images):

@@ -26,6 +26,7 @@ from capsjax import data as datalib
 from capsjax import distributed
 from capsjax.checkpoint import Checkpoints
 from capsjax.config import ConfigError, TrainConfig, load_config, save_config
+from capsjax.data import Datasets, adapt_model_to_data, load_datasets
 from capsjax.evaluate import StopRequested, evaluate_arrays, predict_arrays
 from capsjax.reporting import Console, TensorBoard, Window
 from capsjax.steps import Steps, default_mesh, init_state, make_steps, wait_for_queue
@@ -40,47 +41,6 @@ class TrainingDiverged(RuntimeError):
 
 class Preempted(RuntimeError):
     """Training stopped on request (SIGTERM / SIGINT, or a preemption notice) after saving; rerun to resume."""
-
-
-@dataclasses.dataclass
-class Datasets:
-    """Host-side uint8 images [N, H, W, C] and int32 labels [N] of each split."""
-
-    train: tuple[np.ndarray, np.ndarray]
-    validation: tuple[np.ndarray, np.ndarray]
-    test: tuple[np.ndarray, np.ndarray]
-    validation_name: str  # "validation" (held out of train) or "test"
-
-
-def load_datasets(config: TrainConfig) -> Datasets:
-    """Loads train and test; holds the last ``validation_examples`` training examples out; applies ``train_examples``."""
-    images, labels = datalib.load(config.dataset, "train", config.data_dir)
-    test = datalib.load(config.dataset, "test", config.data_dir)
-    held_out = config.validation_examples
-    if held_out >= len(images):
-        raise ConfigError(f"validation_examples={held_out} leaves no training data ({len(images)} examples)")
-    if held_out:
-        validation = (images[-held_out:], labels[-held_out:])
-        images, labels = images[:-held_out], labels[:-held_out]
-    else:
-        validation = test
-    if config.train_examples is not None:
-        images, labels = images[: config.train_examples], labels[: config.train_examples]
-    return Datasets((images, labels), validation, test, "validation" if held_out else "test")
-
-
-def adapt_model_to_data(config: TrainConfig, datasets: Datasets) -> TrainConfig:
-    """Takes the image shape and the class count from the data when the config's differ (e.g. CIFAR-10)."""
-    images, labels = datasets.train
-    shape = tuple(int(s) for s in images.shape[1:])
-    num_classes = max(config.model.num_classes, int(max(labels.max(), datasets.test[1].max())) + 1)
-    if shape == tuple(config.model.image_shape) and num_classes == config.model.num_classes:
-        return config
-    try:
-        model = dataclasses.replace(config.model, image_shape=shape, num_classes=num_classes)
-    except ValueError as err:
-        raise ConfigError(f"the model does not fit {config.dataset} images of shape {shape}: {err}") from None
-    return dataclasses.replace(config, model=model)
 
 
 @dataclasses.dataclass

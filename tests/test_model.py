@@ -113,7 +113,8 @@ def test_train_step_never_tiles_the_routing_weights():
     """No buffer of the compiled default train step is as large as W repeated per example (batch x 1152x10x16x8)."""
     import re
 
-    from capsjax.steps import OptimConfig, init_state, make_steps
+    from capsjax.config import OptimConfig
+    from capsjax.steps import init_state, make_steps
 
     batch = 5  # 5 x W (7.4M values) exceeds every weight array, the 9x9x256x256 kernel (5.3M) included
     mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])

@@ -10,13 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh
 
 from capsjax import data as datalib
-from capsjax.config import ConfigError, TrainConfig, get_config, load_config, replace_path
-from capsjax.model import ModelConfig
-from capsjax.steps import MAX_IN_FLIGHT, LossConfig, OptimConfig, init_state, make_steps
+from capsjax.config import ConfigError, LossConfig, ModelConfig, OptimConfig, get_config, load_config, replace_path
+from capsjax.steps import MAX_IN_FLIGHT, init_state, make_steps
 from capsjax.train import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +108,20 @@ def test_eval_step_masks_padding_and_counts_confusion():
     preds = np.asarray(out.lengths).argmax(-1)
     first20 = evaluate_arrays(steps, state.params, images[:20], labels[:20], batch_size=4)
     np.testing.assert_allclose(first20["accuracy"], np.mean(preds == labels[:20]))
+
+
+def test_eval_step_loss_equals_train_step_loss():
+    """The two steps share one loss: on an unpadded batch the eval step's sums over the count are the train step's
+    batch means (no augmentation; labels set to the predictions, so both decode the same capsule)."""
+    graphdef, state = init_state(TINY, OptimConfig(), seed=0)
+    steps = make_steps(graphdef, OptimConfig(), LossConfig(recon_reduction="mean"))  # both steps take this config
+    images, _ = _batch(16)
+    labels = np.asarray(steps.predict(state.params, images).lengths).argmax(-1).astype(np.int32)
+    sums = jax.device_get(steps.evaluate(state.params, images, labels, np.ones(16, np.int32)))
+    _, metrics = steps.train(state, images, labels)
+    for name in ("loss", "margin_loss", "recon_loss"):
+        np.testing.assert_allclose(sums[name] / sums["count"], metrics[name], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(sums["correct"] / sums["count"], metrics["accuracy"])
 
 
 def test_config_overrides_and_round_trip(tmp_path):

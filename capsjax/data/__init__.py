@@ -19,7 +19,8 @@ float32); :func:`random_shift` runs on the device inside the jitted step.
 
 Modules: :mod:`~capsjax.data.registry` (the datasets and :func:`load`), :mod:`~capsjax.data.formats` (IDX, CIFAR-10
 binary, SVHN ``.mat``), :mod:`~capsjax.data.tfds`, :mod:`~capsjax.data.synthetic`, :mod:`~capsjax.data.pipeline`
-(batches, per-process slicing, prefetch), :mod:`~capsjax.data.augment` (on device), :mod:`~capsjax.data.multimnist`.
+(batches, per-process slicing, prefetch), :mod:`~capsjax.data.augment` (on device), :mod:`~capsjax.data.multimnist`,
+:mod:`~capsjax.data.splits` (a run's train / validation / test split from its config).
 """
 
 from capsjax.data.augment import random_shift, shift_images
@@ -28,6 +29,7 @@ from capsjax.data.formats import read_idx, write_idx
 from capsjax.data.multimnist import multimnist_batches, two_hot
 from capsjax.data.pipeline import batches, local_slice, num_batches, padded_batches, prefetch_to_device
 from capsjax.data.registry import DATASETS, SPLITS, load
+from capsjax.data.splits import Datasets, adapt_model_to_data, load_datasets
 from capsjax.data.synthetic import load_synthetic
 
 __all__ = [
@@ -37,6 +39,9 @@ __all__ = [
     "SPLITS",
     "load",
     "load_synthetic",
+    "Datasets",
+    "load_datasets",
+    "adapt_model_to_data",
     "read_idx",
     "write_idx",
     "batches",

@@ -11,7 +11,7 @@ XLA's CPU backend runs faster or in less memory:
 - :mod:`capsjax.fast.hostmem`: huge pages and heap trimming for XLA's CPU runtime (imported on its own by the CLIs).
 
 The layers choose between these and the textbook functions with one switch, ``ModelConfig.kernels``
-(:data:`capsjax.layers.KERNELS`): ``"auto"`` uses this package on the CPU backend only.
+(:data:`capsjax.config.KERNELS`): ``"auto"`` uses this package on the CPU backend only.
 """
 
 from capsjax.fast.conv import conv2d, extract_patches

@@ -20,17 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from capsjax.config import conv_output_size
 from capsjax.ops import reduction_dtype
 
 _GATHER_MIN_CHANNELS = 16  # below this a pixel is too short for a gather to beat slicing
 _ROW_LOOP_MIN_CHANNELS = 16  # below this a row of patches is too narrow for an efficient product
-
-
-def conv_output_size(size: int, kernel: int, stride: int) -> int:
-    """Spatial size of a VALID convolution's output; raises if the kernel does not fit."""
-    if size < kernel:
-        raise ValueError(f"a {kernel}x{kernel} kernel does not fit an input of size {size}")
-    return (size - kernel) // stride + 1
 
 
 def _sliced_patches(x: jax.Array, kernel_size: tuple[int, int], stride: int) -> jax.Array:

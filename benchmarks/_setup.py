@@ -1,0 +1,38 @@
+"""The set-up the benchmark scripts share: a data mesh, the state and compiled steps of a model, a random batch.
+
+The scripts run as ``python benchmarks/<name>.py``, which puts this folder on ``sys.path``; they import this module
+after parsing their flags, so ``--help`` does not wait for JAX.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from capsjax.config import ModelConfig, OptimConfig
+from capsjax.steps import Steps, default_mesh, init_state, make_steps
+
+
+def build(
+    model_config: ModelConfig = ModelConfig(), *, devices: int | None = None, max_shift: int = 2, seed: int = 0
+) -> tuple[Steps, Any]:
+    """The compiled steps (default optimizer, random shifts of up to ``max_shift`` pixels) and the initial state of
+    ``model_config`` on a ``data`` mesh of the first ``devices`` devices (None: every device)."""
+    mesh = default_mesh()
+    if devices is not None:
+        chosen = jax.devices()[:devices]
+        mesh = jax.make_mesh((len(chosen),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=chosen)
+    graphdef, state = init_state(model_config, OptimConfig(), seed=seed, mesh=mesh)
+    return make_steps(graphdef, OptimConfig(), max_shift=max_shift, mesh=mesh), state
+
+
+def random_batch(
+    steps: Steps, batch_size: int, model_config: ModelConfig = ModelConfig(), seed: int = 0
+) -> tuple[jax.Array, jax.Array]:
+    """Random uint8 images ``[batch_size, *image_shape]`` and int32 labels, sharded over ``steps``' mesh."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (batch_size, *model_config.image_shape), dtype=np.uint8)
+    labels = rng.integers(0, model_config.num_classes, batch_size).astype(np.int32)
+    return jax.device_put(images, steps.data_sharding), jax.device_put(labels, steps.data_sharding)
