@@ -25,15 +25,12 @@ import numpy as np
 from capsjax import data as datalib
 from capsjax import distributed
 from capsjax.checkpoint import Checkpoints
-from capsjax.config import ConfigError, TrainConfig, load_config, save_config
+from capsjax.config import ConfigError, TrainConfig
 from capsjax.data import Datasets, adapt_model_to_data, load_datasets
 from capsjax.evaluate import StopRequested, evaluate_arrays, predict_arrays
 from capsjax.reporting import Console, TensorBoard, Window
 from capsjax.steps import Steps, default_mesh, init_state, make_steps, wait_for_queue
-from capsjax.workdir import MetricsLog, WorkdirLock, check_resume
-
-DIVERGED = "diverged.json"  # written when the loss blows up: the bad step and the checkpoint to restart from
-
+from capsjax.workdir import DIVERGED, MetricsLog, WorkdirLock, apply_resume_rules
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients became NaN or infinite."""
@@ -96,7 +93,7 @@ def train_and_evaluate(
     lock = distributed.lock_workdir(WorkdirLock(workdir))  # 3. work directory and state
     try:
         distributed.check_shared(workdir)
-        config = _resume_rules(config, workdir)
+        config = apply_resume_rules(config, workdir)
         graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
         run = _open_run(config, workdir, datasets, steps_per_epoch, state, should_stop)
         steps = make_steps(graphdef, config.optim, config.loss, max_shift=config.max_shift, mesh=mesh)  # 4. steps
@@ -115,42 +112,6 @@ def train_and_evaluate(
 
 
 # ---- 3. work directory and state
-def _resume_rules(config: TrainConfig, workdir: Path) -> TrainConfig:
-    """Refuses settings that can't continue the run in ``workdir``; after a divergence, requires new optimizer settings
-    and rolls the run back to the checkpoint from before the blow-up. Writes ``config.json``."""
-    path, marker = workdir / "config.json", workdir / DIVERGED
-    if path.exists() and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
-        previous = load_config(path)
-        if marker.exists():
-            diverged = json.loads(marker.read_text())
-            if config.optim == previous.optim:
-                raise ConfigError(
-                    f"the run in {workdir} diverged at step {diverged['step']} with learning rate "
-                    f"{previous.optim.learning_rate:g}; rerun with a lower --learning-rate (it restarts from "
-                    + (f"step {diverged['safe_step']})" if diverged["safe_step"] is not None else "scratch)")
-                )
-            check_resume(previous, config, workdir, allowed=("optim.",))
-            _roll_back(workdir, diverged["safe_step"], config)
-        else:
-            check_resume(previous, config, workdir)
-    if jax.process_index() == 0:
-        save_config(config, path)
-        marker.unlink(missing_ok=True)
-    return config
-
-
-def _roll_back(workdir: Path, step: int | None, config: TrainConfig) -> None:
-    """Drops the checkpoints and metrics after ``step`` (None: all of them)."""
-    if jax.process_index() == 0:
-        checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-        dropped = checkpoints.delete_after(step)
-        checkpoints.close()
-        MetricsLog(workdir / "metrics.jsonl").truncate(step or 0)
-        print(f"restarting from {'step ' + str(step) if step is not None else 'scratch'} with the new optimizer "
-              f"settings (dropped checkpoints {dropped})", flush=True)  # fmt: skip
-    distributed.barrier("rollback")
-
-
 def _open_run(config, workdir, datasets, steps_per_epoch, state, should_stop) -> _Run:
     console_log = print if jax.process_index() == 0 else (lambda _: None)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints, config.safe_checkpoint_margin)

@@ -5,7 +5,7 @@
 - :class:`MetricsLog`: ``metrics.jsonl``; on resume, the entries after the restored step are dropped, so the file
   holds exactly what an uninterrupted run writes.
 - :func:`check_resume`: a resume must use the settings the run started with, except the ones listed in
-  :data:`RESUMABLE_CHANGES`.
+  :data:`RESUMABLE_CHANGES`; :func:`apply_resume_rules` applies it, and after a divergence rolls the run back.
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from capsjax.config import ConfigError, TrainConfig, to_dict
+import jax
+
+from capsjax import distributed
+from capsjax.checkpoint import Checkpoints
+from capsjax.config import ConfigError, TrainConfig, load_config, save_config, to_dict
+
+DIVERGED = "diverged.json"  # written when the loss blows up: the bad step and the checkpoint to restart from
 
 # Fields a resumed run may change: they do not alter what the steps already taken computed or the steps to come.
 RESUMABLE_CHANGES = frozenset(
@@ -198,3 +204,39 @@ def check_resume(previous: TrainConfig, current: TrainConfig, workdir: Path, all
             f"{workdir} holds a run with other settings ({listed}); rerun with its settings to resume "
             f"(see {workdir / 'config.json'}), or start a new run with another --workdir"
         )
+
+
+def apply_resume_rules(config: TrainConfig, workdir: Path) -> TrainConfig:
+    """Refuses settings that can't continue the run in ``workdir``; after a divergence, requires new optimizer settings
+    and rolls the run back to the checkpoint from before the blow-up. Writes ``config.json``."""
+    path, marker = workdir / "config.json", workdir / DIVERGED
+    if path.exists() and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+        previous = load_config(path)
+        if marker.exists():
+            diverged = json.loads(marker.read_text())
+            if config.optim == previous.optim:
+                raise ConfigError(
+                    f"the run in {workdir} diverged at step {diverged['step']} with learning rate "
+                    f"{previous.optim.learning_rate:g}; rerun with a lower --learning-rate (it restarts from "
+                    + (f"step {diverged['safe_step']})" if diverged["safe_step"] is not None else "scratch)")
+                )
+            check_resume(previous, config, workdir, allowed=("optim.",))
+            _roll_back(workdir, diverged["safe_step"], config)
+        else:
+            check_resume(previous, config, workdir)
+    if jax.process_index() == 0:
+        save_config(config, path)
+        marker.unlink(missing_ok=True)
+    return config
+
+
+def _roll_back(workdir: Path, step: int | None, config: TrainConfig) -> None:
+    """Drops the checkpoints and metrics after ``step`` (None: all of them)."""
+    if jax.process_index() == 0:
+        checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+        dropped = checkpoints.delete_after(step)
+        checkpoints.close()
+        MetricsLog(workdir / "metrics.jsonl").truncate(step or 0)
+        print(f"restarting from {'step ' + str(step) if step is not None else 'scratch'} with the new optimizer "
+              f"settings (dropped checkpoints {dropped})", flush=True)  # fmt: skip
+    distributed.barrier("rollback")

@@ -4,7 +4,6 @@ The input pipeline, augmentation and MultiMNIST are tested in test_data_pipeline
 
 import gzip
 import importlib.util
-import os
 import socket
 import sys
 import time
