@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # the benchmark scripts compile and run the full model
 
 
 def run_script(name: str, *args: str) -> dict:

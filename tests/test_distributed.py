@@ -1,4 +1,4 @@
-"""Multi-process launch settings and the work-directory lock, without starting any process group."""
+"""Multi-process launch settings, the work-directory lock and checkpoint error lines, without training."""
 
 import json
 import os
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from capsjax import distributed
+from capsjax.checkpoint import describe_error
 from capsjax.workdir import WorkdirBusy, WorkdirLock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,3 +67,12 @@ def test_lock_of_another_host_is_not_broken(tmp_path):
 def test_half_written_lock_is_stale(tmp_path):
     (tmp_path / "LOCK").write_text('{"host": ')  # a process killed while writing it
     WorkdirLock(tmp_path).acquire().release()
+
+
+def test_describe_error_drops_object_reprs():
+    class Weird(Exception):
+        pass
+
+    err = Weird("<bound method pybind11_object.foo of <x at 0x7f>> failed")
+    assert describe_error(err) == "Weird"
+    assert describe_error(ValueError("shape mismatch\nmore")) == "ValueError: shape mismatch"

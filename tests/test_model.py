@@ -77,6 +77,7 @@ def test_other_shapes_and_class_counts():
         capsjax.ModelConfig(image_shape=(12, 12, 1))
 
 
+@pytest.mark.slow
 def test_model_jit_equals_eager_and_fast_equals_textbook():
     configs = {kernels: dataclasses.replace(SMALL, kernels=kernels) for kernels in ("fast", "textbook")}
     images = jnp.asarray(RNG.uniform(size=(2, 16, 16, 1)), jnp.float32)

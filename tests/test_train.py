@@ -54,6 +54,7 @@ class _QueueProbe:
         return out
 
 
+@pytest.mark.slow
 def test_loops_keep_few_steps_in_flight(tmp_path, monkeypatch):
     # An unbounded queue of data-parallel steps deadlocks XLA:CPU's in-process all-reduce (several CPU devices in one
     # process, as in these tests); the training and evaluation loops keep at most MAX_IN_FLIGHT steps queued.
@@ -155,6 +156,7 @@ def _params(workdir, which="latest"):
     return jax.device_get(load_run(workdir, which).params)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     config = dataclasses.replace(SMOKE, train_examples=96, validation_examples=32, epochs=2, checkpoint_every_steps=2)
     # 3 steps per epoch, 6 in all. Uninterrupted:
@@ -182,6 +184,7 @@ def _run(script, *args, cwd):
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cli_smoke_train_then_eval(tmp_path):
     work = tmp_path / "run"
     result = _run("train.py", "--preset", "smoke", "--workdir", str(work), "--epochs", "1", "--quiet", cwd=tmp_path)
