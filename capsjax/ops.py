@@ -88,6 +88,17 @@ def capsule_predictions(weights: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.einsum("ijdk,...ik->...ijd", weights, u)
 
 
+def routing_inputs(u_hat: jax.Array, num_iterations: int, stop_gradient: bool, layout: str):
+    """Checks routing's arguments; returns ``u_hat`` in the reduction dtype, and the copy the agreement logits see
+    (stopped with ``stop_gradient``)."""
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+    if u_hat.ndim < 3:
+        raise ValueError(f"u_hat must have shape {layout}, got {u_hat.shape}")
+    u = u_hat.astype(reduction_dtype(u_hat.dtype))
+    return u, (lax.stop_gradient(u) if stop_gradient else u)
+
+
 def dynamic_routing(
     u_hat: jax.Array,
     num_iterations: int = 3,
@@ -115,12 +126,7 @@ def dynamic_routing(
       ``v`` of shape ``[..., n_out, d]`` in ``u_hat``'s dtype, or ``(v, c)`` with ``c`` of shape
       ``[..., n_in, n_out]`` (float32 or wider) summing to 1 over ``n_out``.
     """
-    if num_iterations < 1:
-        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
-    if u_hat.ndim < 3:
-        raise ValueError(f"u_hat must have shape [..., n_in, n_out, d], got {u_hat.shape}")
-    u = u_hat.astype(reduction_dtype(u_hat.dtype))
-    u_for_logits = lax.stop_gradient(u) if stop_gradient else u
+    u, u_for_logits = routing_inputs(u_hat, num_iterations, stop_gradient, "[..., n_in, n_out, d]")
 
     def route(b, u):  # b: [..., n_in, n_out] -> c: [..., n_in, n_out], v: [..., n_out, d]
         c = jax.nn.softmax(b, axis=-1)  # over the parents j

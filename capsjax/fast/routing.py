@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from capsjax.ops import reduction_dtype, squash
+from capsjax.ops import routing_inputs, squash
 
 __all__ = ["parent_major_predictions", "parent_major_routing"]
 
@@ -68,13 +68,8 @@ def _parent_major_predictions_bwd(residuals, cotangent):
 parent_major_predictions.defvjp(_parent_major_predictions_fwd, _parent_major_predictions_bwd)
 
 
-def parent_major_routing(
-    u_hat: jax.Array,
-    num_iterations: int = 3,
-    stop_gradient: bool = False,
-    return_coupling: bool = False,
-    bias: jax.Array | None = None,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+def parent_major_routing(u_hat: jax.Array, num_iterations: int = 3, stop_gradient: bool = False,
+                         return_coupling: bool = False, bias: jax.Array | None = None):  # fmt: skip
     """``capsjax.ops.dynamic_routing`` on parent-major predictions (same arguments and results).
 
     Args:
@@ -85,12 +80,7 @@ def parent_major_routing(
       ``v`` ``[..., n_out, d]`` in ``u_hat``'s dtype, or ``(v, c)`` with ``c`` ``[..., n_in, n_out]`` (children
       first, as ``capsjax.ops.dynamic_routing`` returns it).
     """
-    if num_iterations < 1:
-        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
-    if u_hat.ndim < 3:
-        raise ValueError(f"u_hat must have shape [..., n_out, n_in, d], got {u_hat.shape}")
-    u = u_hat.astype(reduction_dtype(u_hat.dtype))
-    u_for_logits = lax.stop_gradient(u) if stop_gradient else u
+    u, u_for_logits = routing_inputs(u_hat, num_iterations, stop_gradient, "[..., n_out, n_in, d]")
     n_out = u.shape[-3]
 
     def parents(s):  # s: [..., n_out, d]
