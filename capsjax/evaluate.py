@@ -28,6 +28,11 @@ class StopRequested(Exception):
     """``should_stop()`` returned True during an evaluation."""
 
 
+def _device_multiple(batch_size: int, steps: Steps) -> int:
+    """``batch_size`` rounded down to a multiple of the device count (at least one example per device)."""
+    return max(batch_size - batch_size % steps.mesh.size, steps.mesh.size)
+
+
 def evaluate_arrays(
     steps: Steps,
     params: Any,
@@ -42,7 +47,7 @@ def evaluate_arrays(
     ``should_stop()`` is polled between batches; raises :class:`StopRequested` when it returns True."""
     sharding = steps.data_sharding
     totals, dispatched = None, []
-    for mask, x, y in padded_batches((images, labels.astype(np.int32)), batch_size):
+    for mask, x, y in padded_batches((images, labels.astype(np.int32)), _device_multiple(batch_size, steps)):
         if should_stop is not None and should_stop():
             raise StopRequested
         sums = steps.evaluate(params, global_batch(sharding, x), global_batch(sharding, y), global_batch(sharding, mask))
@@ -141,9 +146,8 @@ def _unit_images(images: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
 
 def predict_arrays(steps: Steps, params: Any, images: np.ndarray, batch_size: int = 100) -> CapsNetOutput:
     """:func:`predict` for compiled ``steps`` and ``params``: ``images`` [N, H, W, C], uint8 or float in [0, 1]."""
-    batch_size = max(batch_size - batch_size % steps.mesh.size, steps.mesh.size)
     outputs = []
-    for mask, x in padded_batches((images,), batch_size):
+    for mask, x in padded_batches((images,), _device_multiple(batch_size, steps)):
         out = jax.device_get(steps.predict(params, global_batch(steps.data_sharding, x)))
         valid = int(mask.sum())
         outputs.append(jax.tree.map(lambda a: a[:valid], out))
@@ -219,7 +223,6 @@ def evaluate_workdir(
     config = run.config
     images, labels = datalib.load(config.dataset, split, data_dir if data_dir is not None else config.data_dir)
     batch_size = batch_size or config.eval_batch_size
-    batch_size = max(batch_size - batch_size % run.steps.mesh.size, run.steps.mesh.size)
     metrics = evaluate_arrays(run.steps, run.params, images, labels, batch_size)
     metrics.update(split=split, checkpoint=run.which, step=run.step, dataset=config.dataset)
     (out_dir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2) + "\n")

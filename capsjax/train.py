@@ -274,7 +274,7 @@ def _reconstructions_to_tensorboard(run: _Run, steps: Steps, count: int = 8) -> 
     if not run.config.tensorboard or not run.config.model.use_decoder:
         return
     images = run.datasets.validation[0][:count]
-    out = predict_arrays(steps, run.state.params, images, batch_size=steps.mesh.size * max(1, count // steps.mesh.size))
+    out = predict_arrays(steps, run.state.params, images, batch_size=count)
     inputs = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images
     run.tensorboard.images("reconstructions", np.concatenate([inputs, out.reconstructions], axis=1), run.step)
     run.tensorboard.flush()

@@ -78,7 +78,7 @@ class WorkdirLock:
             except FileExistsError:
                 holder = self._holder()
                 if holder is None or self._stale(holder):
-                    self._break(holder)
+                    self._break()
                     continue
                 raise WorkdirBusy(
                     f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
@@ -104,7 +104,7 @@ class WorkdirLock:
             return True
         return holder.get("host") == socket.gethostname() and not _process_alive(int(holder.get("pid", -1)))
 
-    def _break(self, holder: dict[str, Any] | None) -> None:
+    def _break(self) -> None:
         # Rename first, so that of two runs breaking the same stale lock only one removes it.
         aside = self.path.with_name(f"LOCK.stale-{os.getpid()}")
         try:
@@ -196,7 +196,7 @@ def check_resume(previous: TrainConfig, current: TrainConfig, workdir: Path, all
     refused = {
         k: v
         for k, v in config_changes(previous, current).items()
-        if k not in RESUMABLE_CHANGES and not k.startswith(allowed or ("\0",))
+        if k not in RESUMABLE_CHANGES and not k.startswith(allowed)
     }
     if refused:
         listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
