@@ -6,6 +6,9 @@ after parsing their flags, so ``--help`` does not wait for JAX.
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
 from typing import Any
 
 import jax
@@ -36,3 +39,36 @@ def random_batch(
     images = rng.integers(0, 256, (batch_size, *model_config.image_shape), dtype=np.uint8)
     labels = rng.integers(0, model_config.num_classes, batch_size).astype(np.int32)
     return jax.device_put(images, steps.data_sharding), jax.device_put(labels, steps.data_sharding)
+
+
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "avx_vnni")
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: the CPU model (``lscpu``'s model name), its vector and bfloat16 flags
+    (those of :data:`_CPU_FLAGS` that ``/proc/cpuinfo`` lists), the core count, and JAX's backend and device kind."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    devices = jax.devices()
+    return {
+        "cpu_model": model,
+        "cpu_flags": [flag for flag in _CPU_FLAGS if flag in flags],
+        "cpu_count": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "jax": jax.__version__,
+    }

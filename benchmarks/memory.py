@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 
 
-def scratch_mib(batch_sizes: list[int], dtype: str) -> list[float]:
+def scratch_mib(batch_sizes: list[int], precision: str) -> list[float]:
     """XLA's scratch memory of the default train step per batch size (compiled for abstract inputs, never run)."""
     import jax
     from _setup import build
 
     from capsjax.config import ModelConfig
 
-    steps, state = build(dataclasses.replace(ModelConfig(), conv_dtype=dtype), devices=1)
+    steps, state = build(dataclasses.replace(ModelConfig(), precision=precision), devices=1)
     sizes = []
     for batch in batch_sizes:
         images = jax.ShapeDtypeStruct((batch, 28, 28, 1), np.uint8, sharding=steps.data_sharding)
@@ -48,17 +48,17 @@ def scratch_mib(batch_sizes: list[int], dtype: str) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="32,64,128,256,512")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--precision", default="float32", choices=("float32", "mixed"))
     args = parser.parse_args()
     script = Path(__file__).with_name("throughput.py")
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     peaks = []
     for batch in sizes:
         cmd = [sys.executable, str(script), "--mode", "train", "--batch-size", str(batch), "--steps", "1",
-               "--repeats", "1", "--warmup", "0", "--dtype", args.dtype]  # fmt: skip
+               "--repeats", "1", "--warmup", "0", "--precision", args.precision]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         peaks.append(json.loads(out)["peak_rss_mb"])
-    scratch = scratch_mib(sizes, args.dtype)
+    scratch = scratch_mib(sizes, args.precision)
     slope, intercept = np.polyfit(sizes, scratch, 1)
     fit = np.polyval([slope, intercept], sizes)
     tiled_mib_per_image = 4 * 1152 * 10 * 16 * 8 / 2**20

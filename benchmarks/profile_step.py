@@ -28,6 +28,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--steps", type=int, default=8, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--top", type=int, default=0, help="print the N costliest XLA ops of a traced step")
+    parser.add_argument("--precision", default="float32", choices=("float32", "mixed"), help="capsjax.precision")
     parser.add_argument("--no-huge-pages", action="store_true", help="skip the restart with huge pages")
     return parser.parse_args(argv)
 
@@ -56,9 +57,11 @@ def op_table(trace_dir: Path, hlo_text: str, steps: int, top: int) -> list[str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import jax
-    from _setup import build, random_batch
+    from _setup import build, machine, random_batch
 
-    steps, state = build(devices=1)
+    from capsjax.config import ModelConfig
+
+    steps, state = build(ModelConfig(precision=args.precision), devices=1)
     images, labels = random_batch(steps, args.batch_size)
     start = time.perf_counter()
     compiled = steps.train.lower(state, images, labels).compile()
@@ -79,7 +82,8 @@ def main(argv=None) -> dict:
     after = resource.getrusage(resource.RUSAGE_SELF)
     result = {
         "batch_size": args.batch_size,
-        "backend": jax.default_backend(),
+        **machine(),
+        "precision": args.precision,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "compile_s": round(compile_s, 2),
         "scratch_mb": round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1),

@@ -26,7 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="convolution dtype")
+    parser.add_argument("--precision", default="float32", choices=("float32", "mixed"), help="capsjax.precision")
     parser.add_argument("--kernels", default="auto", choices=("auto", "fast", "textbook"))
     parser.add_argument("--devices", type=int, default=None, help="devices in the data mesh (default: all)")
     parser.add_argument("--routing-stop-gradient", action="store_true", help="the non-default fast routing gradient")
@@ -62,7 +62,7 @@ def _measure(fn, args) -> tuple[float, list[float]]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import jax
-    from _setup import build, random_batch
+    from _setup import build, machine, random_batch
 
     from capsjax.config import ModelConfig
     from capsjax.fast.hostmem import trim_after_compiles
@@ -71,23 +71,20 @@ def main(argv=None) -> dict:
         trim_after_compiles()  # as the training loop does
 
     model_config = dataclasses.replace(
-        ModelConfig(), conv_dtype=args.dtype, kernels=args.kernels, routing_stop_gradient=args.routing_stop_gradient
+        ModelConfig(), precision=args.precision, kernels=args.kernels, routing_stop_gradient=args.routing_stop_gradient
     )
     steps, state = build(model_config, devices=args.devices or None)
     images, labels = random_batch(steps, args.batch_size)
     devices = list(steps.mesh.devices.flat)
     result = {
         "batch_size": args.batch_size,
-        "backend": jax.default_backend(),
-        "device_kind": devices[0].device_kind,
+        **machine(),
         "devices": len(devices),
-        "conv_dtype": args.dtype,
+        "precision": args.precision,
         "kernels": args.kernels,
         "routing_stop_gradient": args.routing_stop_gradient,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "heap_trim": not args.no_heap_trim,
-        "jax": jax.__version__,
-        "cpu_count": os.cpu_count(),
     }
     if args.mode in ("both", "train"):
         holder = {"state": state}

@@ -29,7 +29,7 @@ _TRAIN_FLAGS = {
     "validation_examples": ("validation_examples", int, "hold the last N training examples out (0: validate on test)"),
     "max_shift": ("max_shift", int, "random shift augmentation in pixels (0: none)"),
     "kernels": ("model.kernels", str, "computation: auto (fast on CPU), fast (XLA:CPU-tuned), textbook (capsjax.ops)"),
-    "conv_dtype": ("model.conv_dtype", str, "convolution compute dtype: float32, bfloat16"),
+    "precision": ("model.precision", str, "float32, or mixed (bfloat16 products, float32 accumulation and routing)"),
     "recon_reduction": ("loss.recon_reduction", str, "reconstruction loss over pixels: sum (paper) or mean"),
     "log_every": ("log_every_steps", int, "steps between metrics.jsonl lines"),
     "checkpoint_every": ("checkpoint_every_steps", int, "steps between checkpoints (also saved every epoch)"),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 KERNELS = ("auto", "fast", "textbook")  # ModelConfig.kernels; "auto": "fast" on the CPU backend (capsjax.layers)
-CONV_DTYPES = ("bfloat16", "float16", "float32")  # ModelConfig.conv_dtype
+PRECISIONS = ("float32", "mixed")  # ModelConfig.precision (capsjax.precision)
 
 
 class ConfigError(ValueError):
@@ -54,15 +54,17 @@ class ModelConfig:
     decoder_hidden: tuple[int, ...] = (512, 1024)
     use_decoder: bool = True
     kernels: str = "auto"  # "auto" | "fast" | "textbook": capsjax.fast or capsjax.ops (see capsjax.layers)
-    conv_dtype: str = "float32"  # compute dtype of the two convolutions ("bfloat16" on accelerators); routing stays fp32
+    # "mixed": bfloat16 operands, float32 accumulation in the convolutions' and the decoder's products, forward and
+    # backward; parameters, routing, losses and reductions stay float32 (capsjax.precision)
+    precision: str = "float32"
 
     def __post_init__(self):
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (height, width, channels), got {self.image_shape}")
         if self.routing_iterations < 1:
             raise ValueError(f"routing_iterations must be >= 1, got {self.routing_iterations}")
-        if self.conv_dtype not in CONV_DTYPES:
-            raise ValueError(f"conv_dtype must be one of {list(CONV_DTYPES)}, got {self.conv_dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         check_kernels(self.kernels)  # "auto" is resolved in the layers: here it would start JAX's backend
         self.primary_grid  # raises if the convolution kernels do not fit the image
 
@@ -183,10 +185,10 @@ def _fashion_mnist() -> TrainConfig:
 
 
 def _accelerator() -> TrainConfig:
-    """The paper's model for GPUs and TPUs: bfloat16 convolutions (routing stays float32), batch 512."""
+    """The paper's model for GPUs and TPUs: mixed precision (bfloat16 products; routing stays float32), batch 512."""
     return dataclasses.replace(
         _default(),
-        model=ModelConfig(conv_dtype="bfloat16"),
+        model=ModelConfig(precision="mixed"),
         batch_size=512,
         eval_batch_size=1000,
         log_every_steps=20,
@@ -273,8 +275,17 @@ def to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# Fields renamed since a release: old name -> (new name, old value -> new value)
+_RENAMED = {ModelConfig: {"conv_dtype": ("precision", lambda dtype: "float32" if dtype == "float32" else "mixed")}}
+
+
 def from_dict(cls, data: dict[str, Any]):
-    """Rebuilds a (nested) config dataclass from :func:`to_dict`'s output; unknown keys are an error."""
+    """Rebuilds a (nested) config dataclass from :func:`to_dict`'s output; unknown keys are an error (fields renamed
+    since, like ``model.conv_dtype``, are read under their new name)."""
+    data = dict(data)
+    for old, (new, convert) in _RENAMED.get(cls, {}).items():
+        if old in data and new not in data:
+            data[new] = convert(data.pop(old))
     types_ = _field_types(cls)
     unknown = set(data) - set(types_)
     if unknown:

@@ -19,6 +19,7 @@ from jax import lax
 
 from capsjax import fast, ops
 from capsjax.config import check_kernels
+from capsjax.precision import compute_dtype, matmul
 
 
 def resolve_kernels(kernels: str) -> str:
@@ -32,7 +33,8 @@ def resolve_kernels(kernels: str) -> str:
 class Conv2D(nnx.Module):
     """VALID convolution with a bias: XLA's native convolution, or :func:`capsjax.fast.conv2d` (``kernels``).
 
-    ``dtype`` (e.g. ``jnp.bfloat16``) is the compute dtype of the product; parameters stay float32.
+    ``precision`` (:mod:`capsjax.precision`): ``"float32"``, or ``"mixed"`` for bfloat16 operands in the products;
+    parameters and the result stay float32.
     """
 
     def __init__(
@@ -43,25 +45,27 @@ class Conv2D(nnx.Module):
         stride: int = 1,
         *,
         kernels: str = "auto",
-        dtype=None,
+        precision: str = "float32",
         rngs: nnx.Rngs,
     ):
         check_kernels(kernels)  # validate early
+        compute_dtype(precision)
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,)))
         self.stride = stride
         self.kernels = kernels
-        self.dtype = dtype
+        self.precision = precision
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x`` [B, H, W, in_features] -> [B, oh, ow, out_features]."""
-        kernel = self.kernel[...]
-        if self.dtype is not None:
-            x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        kernel, dtype = self.kernel[...], compute_dtype(self.precision)
         if resolve_kernels(self.kernels) == "fast":
-            y = fast.conv2d(x, kernel, self.stride)
+            # bfloat16 operands, float32 accumulation and result, forward and backward
+            y = fast.conv2d(x, kernel, self.stride, compute_dtype=dtype)
         else:
+            if dtype is not None:  # XLA's native convolution accumulates bfloat16 in float32 on GPU/TPU
+                x, kernel = x.astype(dtype), kernel.astype(dtype)
             strides = (self.stride, self.stride)
             y = lax.conv_general_dilated(x, kernel, strides, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y.astype(jnp.float32) + self.bias[...][None, None, None, :]
@@ -83,11 +87,11 @@ class PrimaryCapsules(nnx.Module):
         stride: int = 2,
         *,
         kernels: str = "auto",
-        dtype=None,
+        precision: str = "float32",
         rngs: nnx.Rngs,
     ):
         self.conv = Conv2D(
-            in_features, num_maps * capsule_dim, kernel_size, stride, kernels=kernels, dtype=dtype, rngs=rngs
+            in_features, num_maps * capsule_dim, kernel_size, stride, kernels=kernels, precision=precision, rngs=rngs
         )
         self.num_maps = num_maps
         self.capsule_dim = capsule_dim
@@ -157,16 +161,29 @@ class RoutingCapsules(nnx.Module):
 
 class Decoder(nnx.Module):
     """Reconstruction network: masked capsules ``[B, n_out, d]`` -> MLP (ReLU hidden layers, sigmoid output) ->
-    images ``[B, *image_shape]`` in ``[0, 1]``."""
+    images ``[B, *image_shape]`` in ``[0, 1]``. ``precision`` as in :class:`Conv2D`."""
 
-    def __init__(self, in_features: int, hidden: tuple[int, ...], image_shape: tuple[int, ...], *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        hidden: tuple[int, ...],
+        image_shape: tuple[int, ...],
+        *,
+        precision: str = "float32",
+        rngs: nnx.Rngs,
+    ):
+        compute_dtype(precision)  # validate early
         sizes = (in_features, *hidden)
         self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
         self.out = nnx.Linear(sizes[-1], math.prod(image_shape), rngs=rngs)
         self.image_shape = tuple(image_shape)
+        self.precision = precision
+
+    def _dense(self, layer: nnx.Linear, x: jax.Array) -> jax.Array:
+        return matmul(x, layer.kernel[...], self.precision) + layer.bias[...][None, :]
 
     def __call__(self, capsules: jax.Array) -> jax.Array:
         x = capsules.reshape(capsules.shape[0], -1)
         for layer in self.hidden:
-            x = jax.nn.relu(layer(x))
-        return jax.nn.sigmoid(self.out(x)).reshape(x.shape[0], *self.image_shape)
+            x = jax.nn.relu(self._dense(layer, x))
+        return jax.nn.sigmoid(self._dense(self.out, x)).reshape(x.shape[0], *self.image_shape)

@@ -12,8 +12,6 @@ from capsjax import ops
 from capsjax.config import ModelConfig
 from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
 
 class CapsNetOutput(NamedTuple):
     """What :class:`CapsNet` returns."""
@@ -32,10 +30,10 @@ class CapsNet(nnx.Module):
 
     def __init__(self, config: ModelConfig = ModelConfig(), *, rngs: nnx.Rngs):
         self.config = config
-        dtype = _DTYPES[config.conv_dtype]
+        precision = config.precision
         channels = config.image_shape[-1]
         self.conv1 = Conv2D(
-            channels, config.conv1_channels, config.conv1_kernel, kernels=config.kernels, dtype=dtype, rngs=rngs
+            channels, config.conv1_channels, config.conv1_kernel, kernels=config.kernels, precision=precision, rngs=rngs
         )
         self.primary = PrimaryCapsules(
             config.conv1_channels,
@@ -44,7 +42,7 @@ class CapsNet(nnx.Module):
             config.primary_kernel,
             config.primary_stride,
             kernels=config.kernels,
-            dtype=dtype,
+            precision=precision,
             rngs=rngs,
         )
         self.classes = RoutingCapsules(
@@ -60,7 +58,13 @@ class CapsNet(nnx.Module):
             rngs=rngs,
         )
         self.decoder = (
-            Decoder(config.num_classes * config.class_dim, config.decoder_hidden, config.image_shape, rngs=rngs)
+            Decoder(
+                config.num_classes * config.class_dim,
+                config.decoder_hidden,
+                config.image_shape,
+                precision=precision,
+                rngs=rngs,
+            )
             if config.use_decoder
             else None
         )

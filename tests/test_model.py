@@ -102,10 +102,10 @@ def test_model_jit_equals_eager_and_fast_equals_textbook():
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
-def test_bfloat16_convolutions_stay_close_to_float32():
+def test_mixed_precision_stays_close_to_float32():
     images = jnp.asarray(RNG.uniform(size=(2, 16, 16, 1)), jnp.float32)
     out32 = capsjax.CapsNet(SMALL, rngs=nnx.Rngs(0))(images)
-    out16 = capsjax.CapsNet(dataclasses.replace(SMALL, conv_dtype="bfloat16"), rngs=nnx.Rngs(0))(images)
+    out16 = capsjax.CapsNet(dataclasses.replace(SMALL, precision="mixed"), rngs=nnx.Rngs(0))(images)
     assert out16.lengths.dtype == jnp.float32
     np.testing.assert_allclose(out16.lengths, out32.lengths, rtol=5e-2, atol=5e-3)
 

@@ -90,7 +90,7 @@ def extract_patches(x: jax.Array, kernel_size: tuple[int, int], stride: int) -> 
     return _sliced_patches(x, kernel_size, stride)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, compute_dtype=None) -> jax.Array:
     """VALID convolution (cross-correlation, as in every deep-learning library), no bias, as matrix products.
 
     Equal to ``lax.conv_general_dilated(x, kernel, (stride, stride), "VALID")`` in NHWC / HWIO layout.
@@ -99,46 +99,56 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
       x: images ``[B, H, W, C_in]``.
       kernel: ``[kh, kw, C_in, C_out]``.
       stride: the same in both spatial directions.
+      compute_dtype: the operand dtype of the products (e.g. ``jnp.bfloat16``, see :mod:`capsjax.precision`), forward
+        and backward; they accumulate in float32 (float64 for float64 inputs). ``None``: ``x``'s dtype. The result and
+        the gradients keep the inputs' dtypes.
 
     Returns:
-      ``[B, oh, ow, C_out]`` with ``oh = (H - kh) // stride + 1``.
+      ``[B, oh, ow, C_out]`` with ``oh = (H - kh) // stride + 1``, in ``x``'s dtype.
     """
     _, _, c_in, _ = kernel.shape
     if x.ndim != 4 or x.shape[-1] != c_in:
         raise ValueError(f"conv2d expects input [B, H, W, {c_in}], got {x.shape}")
+    compute_dtype = jnp.dtype(compute_dtype or x.dtype)
     if c_in >= _ROW_LOOP_MIN_CHANNELS:
-        return _row_loop_matmul(x, kernel, stride)
-    return _patch_matmul(x, kernel, stride)
+        return _row_loop_matmul(x, kernel, stride, compute_dtype)
+    return _patch_matmul(x, kernel, stride, compute_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _patch_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _patch_matmul(x: jax.Array, kernel: jax.Array, stride: int, compute_dtype) -> jax.Array:
     """The patches of ``x`` times the flattened kernel; the gradient orders its two big products (below)."""
-    return _patch_matmul_fwd(x, kernel, stride)[0]
+    return _patch_matmul_fwd(x, kernel, stride, compute_dtype)[0]
 
 
-def _patch_matmul_fwd(x, kernel, stride):
+def _patch_matmul_fwd(x, kernel, stride, compute_dtype):
     kh, kw, c_in, c_out = kernel.shape
-    patches = extract_patches(x, (kh, kw), stride)
-    return jnp.dot(patches, kernel.reshape(kh * kw * c_in, c_out)), (patches, kernel, x.shape)
+    patches = extract_patches(x.astype(compute_dtype), (kh, kw), stride)
+    flat_kernel = kernel.reshape(kh * kw * c_in, c_out).astype(compute_dtype)
+    out = jnp.dot(patches, flat_kernel, preferred_element_type=reduction_dtype(x.dtype))
+    return out.astype(x.dtype), (patches, kernel, x.shape)
 
 
-def _patch_matmul_bwd(stride, residuals, cotangent):
+def _patch_matmul_bwd(stride, compute_dtype, residuals, cotangent):
     patches, kernel, x_shape = residuals
     kh, kw, c_in, c_out = kernel.shape
-    flat_kernel = kernel.reshape(kh * kw * c_in, c_out)
+    x_dtype = cotangent.dtype  # the result's dtype is x's
+    acc_dtype = reduction_dtype(x_dtype)
+    flat_kernel = kernel.reshape(kh * kw * c_in, c_out).astype(compute_dtype)
+    cotangent = cotangent.reshape(-1, c_out).astype(compute_dtype)
     # The kernel gradient transposed, [C_out, kh*kw*C_in], is a plain row-major product that XLA's CPU backend hands
     # to its fast matmul library; untransposed, with the patches as the transposed operand, it takes a slower path.
-    kernel_grad_t = jnp.dot(cotangent.reshape(-1, c_out).T, patches.reshape(-1, kh * kw * c_in))
+    kernel_grad_t = jnp.dot(cotangent.T, patches.reshape(-1, kh * kw * c_in), preferred_element_type=acc_dtype)
     # The barrier keeps XLA from folding the transpose back into the product. It also makes the patch gradient (as
     # large as the patches) wait for the kernel gradient, the patches' last use, so the two share one buffer (the
     # default train step at batch 100 needs 120 MB less scratch memory).
     cotangent, kernel_grad_t = lax.optimization_barrier((cotangent, kernel_grad_t))
     kernel_grad = kernel_grad_t.T
-    patch_grad = jnp.dot(cotangent, flat_kernel.T)
-    _, patches_vjp = jax.vjp(lambda x: extract_patches(x, (kh, kw), stride), jnp.zeros(x_shape, patches.dtype))
-    (x_grad,) = patches_vjp(patch_grad.astype(patches.dtype))
-    return x_grad, kernel_grad.reshape(kernel.shape).astype(kernel.dtype)
+    patch_grad = jnp.dot(cotangent, flat_kernel.T, preferred_element_type=acc_dtype)
+    # the transpose of the patch gather, summed in the accumulation dtype
+    _, patches_vjp = jax.vjp(lambda x: extract_patches(x, (kh, kw), stride), jnp.zeros(x_shape, acc_dtype))
+    (x_grad,) = patches_vjp(patch_grad.reshape(*patches.shape))
+    return x_grad.astype(x_dtype), kernel_grad.reshape(kernel.shape).astype(kernel.dtype)
 
 
 _patch_matmul.defvjp(_patch_matmul_fwd, _patch_matmul_bwd)
@@ -169,17 +179,18 @@ def _width_patches(rows: jax.Array, kernel_width: int, stride: int) -> jax.Array
     return patches.reshape(-1, kernel_width * channels)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _row_loop_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _row_loop_matmul(x: jax.Array, kernel: jax.Array, stride: int, compute_dtype) -> jax.Array:
     """The convolution as a loop over kernel rows, each one row of patches times one kernel row (module docstring)."""
-    return _row_loop_matmul_fwd(x, kernel, stride)[0]
+    return _row_loop_matmul_fwd(x, kernel, stride, compute_dtype)[0]
 
 
-def _row_loop_matmul_fwd(x, kernel, stride):
+def _row_loop_matmul_fwd(x, kernel, stride, compute_dtype):
     kh, kw, c_in, c_out = kernel.shape
     batch, height, width, _ = x.shape
     oh, ow = conv_output_size(height, kh, stride), conv_output_size(width, kw, stride)
-    x_phased = _rows_by_phase(x, stride)
+    x_c = x.astype(compute_dtype)
+    x_phased = _rows_by_phase(x_c, stride)
     acc_dtype = reduction_dtype(x.dtype)
 
     def add_row(acc, i_and_kernel_row):
@@ -187,35 +198,45 @@ def _row_loop_matmul_fwd(x, kernel, stride):
         patches = _width_patches(_kernel_row_input(x_phased, i, oh), kw, stride)
         return acc + jnp.dot(patches, kernel_row.reshape(kw * c_in, c_out), preferred_element_type=acc_dtype), None
 
-    out, _ = lax.scan(add_row, jnp.zeros((batch * oh * ow, c_out), acc_dtype), (jnp.arange(kh), kernel))
-    return out.astype(x.dtype).reshape(batch, oh, ow, c_out), (x, kernel)
+    kernel_c = kernel.astype(compute_dtype)
+    out, _ = lax.scan(add_row, jnp.zeros((batch * oh * ow, c_out), acc_dtype), (jnp.arange(kh), kernel_c))
+    # x kept in the compute dtype (half the memory under mixed precision); its own dtype is the result's
+    return out.astype(x.dtype).reshape(batch, oh, ow, c_out), (x_c, kernel)
 
 
-def _row_loop_matmul_bwd(stride, residuals, cotangent):
-    x, kernel = residuals
+def _row_loop_matmul_bwd(stride, compute_dtype, residuals, cotangent):
+    x_c, kernel = residuals
     kh, kw, c_in, c_out = kernel.shape
-    batch, height, width, _ = x.shape
+    batch, height, width, _ = x_c.shape
     oh = conv_output_size(height, kh, stride)
-    x_phased = _rows_by_phase(x, stride)
-    cotangent = cotangent.reshape(-1, c_out)
-    acc_dtype = reduction_dtype(x.dtype)
+    x_phased = _rows_by_phase(x_c, stride)
+    x_dtype = cotangent.dtype  # the result's dtype is x's
+    acc_dtype = reduction_dtype(x_dtype)
+    cotangent = cotangent.reshape(-1, c_out).astype(compute_dtype)
+    kernel_c = kernel.astype(compute_dtype)
+
+    def width_patches(rows):
+        return _width_patches(rows, kw, stride)
+
+    # the transpose of the patch gather (a linear map), summed in the accumulation dtype
+    _, patches_transpose = jax.vjp(width_patches, jnp.zeros((batch, oh, width, c_in), acc_dtype))
 
     def row_grads(x_grad, i_and_kernel_row):
         i, kernel_row = i_and_kernel_row
         # This row's patches again (a gather, cheap next to the products) instead of a residual of the forward loop.
-        rows = _kernel_row_input(x_phased, i, oh)
-        patches, patches_vjp = jax.vjp(lambda r: _width_patches(r, kw, stride), rows)
+        patches = width_patches(_kernel_row_input(x_phased, i, oh))
         # Transposed, [C_out, kw*C_in], the kernel gradient is a plain row-major product for XLA's CPU backend.
-        kernel_grad_t = jnp.dot(cotangent.T, patches)
-        (rows_grad,) = patches_vjp(jnp.dot(cotangent, kernel_row.reshape(kw * c_in, c_out).T))
+        kernel_grad_t = jnp.dot(cotangent.T, patches, preferred_element_type=acc_dtype)
+        patch_grad = jnp.dot(cotangent, kernel_row.reshape(kw * c_in, c_out).T, preferred_element_type=acc_dtype)
+        (rows_grad,) = patches_transpose(patch_grad)
         start = (0, i // stride, i % stride, 0, 0)
         current = lax.dynamic_slice(x_grad, start, (batch, oh, 1, width, c_in))
-        x_grad = lax.dynamic_update_slice(x_grad, current + rows_grad.astype(acc_dtype).reshape(current.shape), start)
+        x_grad = lax.dynamic_update_slice(x_grad, current + rows_grad.reshape(current.shape), start)
         return x_grad, kernel_grad_t
 
-    x_grad, kernel_grad_t = lax.scan(row_grads, jnp.zeros(x_phased.shape, acc_dtype), (jnp.arange(kh), kernel))
-    x_grad = x_grad.reshape(batch, -1, width, c_in)[:, :height].astype(x.dtype)
-    kernel_grad = kernel_grad_t.reshape(kh, c_out, kw, c_in).transpose(0, 2, 3, 1)
+    x_grad, kernel_grad_t = lax.scan(row_grads, jnp.zeros(x_phased.shape, acc_dtype), (jnp.arange(kh), kernel_c))
+    x_grad = x_grad.reshape(batch, -1, width, c_in)[:, :height].astype(x_dtype)
+    kernel_grad = kernel_grad_t.reshape(kh, c_out, kw, c_in).transpose(0, 2, 3, 1).astype(kernel.dtype)
     return x_grad, kernel_grad
 
 

@@ -1,0 +1,67 @@
+"""Numerical precision of a model: ``"float32"`` everywhere, or ``"mixed"`` bfloat16 matrix products.
+
+Under ``"mixed"`` the large matrix products (the two convolutions and the decoder's layers, forward and backward) take
+bfloat16 operands and accumulate in float32 (``preferred_element_type``), so their results, the gradients they pass
+on, the parameters, the optimizer state, the routing, ``squash``, the losses and every reduction stay float32. Only the
+products' operands are rounded to bfloat16.
+
+Why the backward products need a custom gradient: JAX differentiates a product with bfloat16 operands and a float32
+result by upcasting the operands to float32, so the gradient products would run in float32. :func:`matmul` (and the
+CPU convolutions of :mod:`capsjax.fast.conv`, which take a ``compute_dtype``) round the float32 cotangent to bfloat16
+instead and accumulate the gradient products in float32 too, as the forward product does.
+
+On XLA's native convolution (GPU/TPU, ``kernels="textbook"``) the layers compute the convolution in bfloat16 and
+convert its result to float32, the usual mixed-precision recipe there: those backends accumulate bfloat16
+convolutions in float32 internally.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+PRECISIONS = ("float32", "mixed")  # ModelConfig.precision (also in capsjax.config, which imports no JAX)
+
+
+def compute_dtype(precision: str):
+    """The operand dtype of the large products: ``None`` (the inputs' own) for ``"float32"``, bfloat16 for
+    ``"mixed"``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return jnp.bfloat16 if precision == "mixed" else None
+
+
+def _product(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    return jnp.dot(x, w, preferred_element_type=out_dtype)
+
+
+@jax.custom_vjp
+def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    return _product(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), jnp.float32)
+
+
+def _bf16_matmul_fwd(x, w):
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    return _product(xb, wb, jnp.float32), (xb, wb)
+
+
+def _bf16_matmul_bwd(residuals, cotangent):
+    xb, wb = residuals
+    g = cotangent.astype(jnp.bfloat16)
+    x_grad = _product(g, wb.T, jnp.float32)
+    # [d_in, B] @ [B, d_out] as the transposed operand of a row-major product
+    w_grad = _product(xb.T, g, jnp.float32)
+    return x_grad, w_grad
+
+
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array, precision: str = "float32") -> jax.Array:
+    """``x @ w`` for ``x`` [B, d_in] and ``w`` [d_in, d_out] in float32: a plain product, or under ``"mixed"`` with
+    bfloat16 operands and float32 accumulation, forward and backward (module docstring). Returns float32."""
+    if compute_dtype(precision) is None:
+        return jnp.dot(x, w)
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        raise ValueError(f"mixed-precision matmul expects float32 operands, got {x.dtype} and {w.dtype}")
+    return _bf16_matmul(x, w)
