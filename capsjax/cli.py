@@ -10,6 +10,7 @@ import sys
 import traceback
 
 from capsjax import __version__
+from capsjax.config import PRESETS
 
 from capsjax.distributed import ENV_ADDRESS, ENV_ID, ENV_PROCESSES
 
@@ -56,7 +57,7 @@ def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
     field, ``--set FIELD=VALUE``, ``--quiet``, the multi-process flags, ``--print-config``, ``--verbose``,
     ``--version``."""
     parser = _Parser(prog=prog, description="Train a CapsNet (Sabour et al. 2017). Rerun on the same --workdir to resume.")
-    parser.add_argument("--preset", default="default", help="default (the paper), tutorial, smoke, fashion_mnist, accelerator")
+    parser.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: the paper's settings)")
     parser.add_argument("--workdir", default=None, help="run directory (default: runs/<preset>)")
     for flag, (_, kind, help_) in _TRAIN_FLAGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None, help=help_)

@@ -42,8 +42,12 @@ class TrainState(struct.PyTreeNode):
 
 
 def make_schedule(config: OptimConfig) -> optax.Schedule:
-    """The learning rate by step: ``learning_rate * decay_rate ** (step / decay_steps)`` (floored with ``staircase``).
-    The optimizer follows it and the train step logs it."""
+    """The learning rate by step (:class:`~capsjax.config.OptimConfig`): exponential decay, or a linear warm-up and a
+    cosine decay to 0. The optimizer follows it and the train step logs it."""
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, config.warmup_steps, config.decay_steps, end_value=0.0
+        )
     return optax.exponential_decay(
         config.learning_rate, config.decay_steps, config.decay_rate, staircase=config.staircase
     )

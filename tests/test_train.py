@@ -147,6 +147,27 @@ def test_config_overrides_and_round_trip(tmp_path):
         replace_path(config, "model.routing_iterations", "0")
 
 
+def test_schedules_by_hand():
+    from capsjax.config import OptimConfig
+    from capsjax.steps import make_schedule
+
+    paper = make_schedule(OptimConfig())
+    np.testing.assert_allclose([paper(0), paper(2000), paper(3000)], [1e-3, 0.96e-3, 1e-3 * 0.96**1.5], rtol=1e-6)
+    cosine = make_schedule(OptimConfig(learning_rate=2e-3, schedule="cosine", warmup_steps=100, decay_steps=1100))
+    # linear warm-up from 0, the peak at the end of the warm-up, half way down the cosine, 0 at the end and after
+    np.testing.assert_allclose(
+        [cosine(0), cosine(50), cosine(100), cosine(600), cosine(1100), cosine(5000)],
+        [0.0, 1e-3, 2e-3, 1e-3, 0.0, 0.0],
+        atol=1e-9,
+    )
+    fast = get_config("fast")
+    assert fast.optim.decay_steps == fast.epochs * -(-(60000 - fast.validation_examples) // fast.batch_size)
+    with pytest.raises(ConfigError, match="optim.schedule"):
+        replace_path(get_config("default"), "optim.schedule", "linear")
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        replace_path(fast, "optim.warmup_steps", str(fast.optim.decay_steps))
+
+
 SMOKE = dataclasses.replace(get_config("smoke"), progress=False)
 
 
