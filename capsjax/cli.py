@@ -183,7 +183,11 @@ def train_main(argv: list[str] | None = None, prog: str = "capsjax-train") -> in
 def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
     """The ``capsjax-eval`` / ``eval.py`` argument parser."""
     parser = _Parser(prog=prog, description="Evaluate a trained CapsNet and draw its reconstructions.")
-    parser.add_argument("--workdir", required=True, help="the training run's directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="the training run's directory")
+    source.add_argument("--weights", metavar="FILE.safetensors",
+                        help="a weights file (python -m capsjax.weights export) instead of a work directory; "
+                        "figures and eval JSON go beside it unless --out-dir is given")  # fmt: skip
     parser.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
     parser.add_argument("--data-dir", default=None, help="directory of IDX files (default: the run's)")
     parser.add_argument("--checkpoint", default="best", metavar="best|latest|STEP",
@@ -205,13 +209,16 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
     from capsjax.data import DataError
     from capsjax.evaluate import evaluate_workdir, format_confusion
     from capsjax.fast.hostmem import trim_after_compiles
+    from capsjax.weights import is_weights_file
 
     trim_after_compiles()
     if args.batch_size is not None and args.batch_size < 1:
         return _fail(prog, "--batch-size must be >= 1", 2)
+    if args.weights is not None and not is_weights_file(args.weights):
+        return _fail(prog, f"--weights expects a .safetensors file, got {args.weights}", 2)
     try:
         metrics = evaluate_workdir(
-            args.workdir,
+            args.weights or args.workdir,
             split=args.split,
             data_dir=args.data_dir,
             which=args.checkpoint,
@@ -219,7 +226,7 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
             figures=not args.no_figures,
             batch_size=args.batch_size,
         )
-    except (ConfigError, DataError, ValueError) as err:
+    except (ConfigError, DataError, ValueError) as err:  # WeightsError included
         return _fail(prog, str(err), 2)
     except CheckpointError as err:
         return _fail(prog, str(err), 1)

@@ -91,10 +91,16 @@ class Run:
 def load_run(workdir: str | Path, which: str = "best", log=print) -> Run:
     """Loads ``config.json`` and the ``which`` checkpoint of ``workdir`` onto all local devices: "best" (the validated
     checkpoint with the highest validation accuracy; before the first epoch ends, the latest, saying so through
-    ``log``), "latest", or a step number.
+    ``log``), "latest", or a step number. ``workdir`` may also be a weights file (``*.safetensors``,
+    :mod:`capsjax.weights`): its parameters and config, ``which`` "weights".
 
-    Raises :class:`~capsjax.config.ConfigError` (not a work directory) or
-    :class:`~capsjax.checkpoint.CheckpointError` (no checkpoint that reads back)."""
+    Raises :class:`~capsjax.config.ConfigError` (not a work directory),
+    :class:`~capsjax.checkpoint.CheckpointError` (no checkpoint that reads back) or
+    :class:`~capsjax.weights.WeightsError` (a weights file that does not read back or fit its model)."""
+    from capsjax import weights
+
+    if weights.is_weights_file(workdir):
+        return _load_weights(workdir)
     if which not in ("best", "latest") and not str(which).isdigit():
         raise ConfigError(f"checkpoint must be 'best', 'latest' or a step number, got {which!r}")
     workdir = Path(workdir)
@@ -123,6 +129,18 @@ def load_run(workdir: str | Path, which: str = "best", log=print) -> Run:
     finally:
         checkpoints.close()
     return Run(config, steps, state.params, int(jax.device_get(state.step)), which)
+
+
+def _load_weights(path: str | Path) -> Run:
+    from capsjax import weights
+
+    config, arrays, metadata = weights.read_weights(path)
+    mesh = default_mesh()
+    graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
+    params = weights.params_from_arrays(state.params, arrays, str(path))
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    steps = make_steps(graphdef, config.optim, config.loss, mesh=mesh)
+    return Run(config, steps, params, int(metadata.get("step", 0)), "weights")
 
 
 def _unit_images(images: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
@@ -218,7 +236,7 @@ def evaluate_workdir(
     from capsjax import data as datalib
 
     run = load_run(workdir, which)
-    out_dir = Path(out_dir or workdir)
+    out_dir = Path(out_dir or (Path(workdir).parent if run.which == "weights" else workdir))
     out_dir.mkdir(parents=True, exist_ok=True)
     config = run.config
     images, labels = datalib.load(config.dataset, split, data_dir if data_dir is not None else config.data_dir)

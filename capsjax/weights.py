@@ -1,0 +1,151 @@
+"""Trained parameters as one compact file, loadable without a work directory.
+
+A weights file is a `safetensors <https://huggingface.co/docs/safetensors>`_ file: every parameter array under its
+path in the model (``conv1/kernel``, ``classes/W``, ``decoder/hidden/0/bias``, ...), stored in float16 by default
+(half the size; the model computes in float32 after loading), and in its metadata the run's whole
+:class:`~capsjax.config.TrainConfig` as JSON, the training step and where the parameters came from. So
+``eval.py --weights FILE`` and ``capsjax.evaluate.predict(FILE, images)`` rebuild the model from the file alone.
+
+    python -m capsjax.weights export runs/mnist results/mnist-default/params.safetensors   # best checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsjax import __version__
+from capsjax.config import ConfigError, TrainConfig, from_dict, to_dict
+
+FORMAT = "capsjax-params-1"
+SUFFIX = ".safetensors"
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read or does not fit its config; the message says what to do."""
+
+
+def is_weights_file(path: str | Path) -> bool:
+    """Whether ``path`` names a weights file (by its suffix) rather than a work directory."""
+    return Path(path).suffix == SUFFIX
+
+
+def _named_leaves(params: Any) -> dict[str, Any]:
+    """The leaves of a parameter pytree by their path, ``"decoder/hidden/0/kernel"`` (in the pytree's order)."""
+    import jax
+
+    named = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        named["/".join(k for k in keys if k != "value")] = leaf
+    return named
+
+
+def save_weights(
+    path: str | Path, params: Any, config: TrainConfig, *, step: int, source: str = "", dtype: str = "float16"
+) -> Path:
+    """Writes ``params`` (a parameter pytree of the model of ``config``) as a weights file; returns its path."""
+    from safetensors.numpy import save_file
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    path = Path(path)
+    if path.suffix != SUFFIX:
+        raise ValueError(f"a weights file must end in {SUFFIX}, got {path.name}")
+    import jax
+
+    tensors = {
+        name: np.ascontiguousarray(np.asarray(jax.device_get(leaf)).astype(DTYPES[dtype]))
+        for name, leaf in _named_leaves(params).items()
+    }
+    metadata = {
+        "format": FORMAT,
+        "capsjax_version": __version__,
+        "config": json.dumps(to_dict(config)),
+        "step": str(int(step)),
+        "source": source,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(temporary), metadata=metadata)
+    temporary.replace(path)  # never a half-written file under the final name
+    return path
+
+
+def read_weights(path: str | Path) -> tuple[TrainConfig, dict[str, np.ndarray], dict[str, str]]:
+    """The config, the float32 arrays by parameter path, and the metadata of a weights file."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path} not found: pass a .safetensors file written by 'python -m capsjax.weights export'")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsError(f"{path} is not a readable safetensors file ({err}); export it again") from None
+    if metadata.get("format") != FORMAT:
+        raise WeightsError(f"{path} is not a capsjax weights file (format {metadata.get('format')!r}, not {FORMAT!r})")
+    try:
+        config = from_dict(TrainConfig, json.loads(metadata["config"]))
+    except (KeyError, json.JSONDecodeError, ConfigError) as err:
+        raise WeightsError(f"{path}: its config does not read back ({err})") from None
+    return config, {name: value.astype(np.float32) for name, value in arrays.items()}, metadata
+
+
+def params_from_arrays(abstract_params: Any, arrays: dict[str, np.ndarray], where: str = "the weights file") -> Any:
+    """``abstract_params`` (a parameter pytree or its shapes) with every leaf replaced by the array of the same
+    path; raises :class:`WeightsError` on a missing, extra or misshapen array."""
+    import jax
+
+    expected = {name: leaf.shape for name, leaf in _named_leaves(abstract_params).items()}
+    missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+    if missing or extra:
+        raise WeightsError(f"{where} does not fit its model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, shape in expected.items():
+        if arrays[name].shape != tuple(shape):
+            raise WeightsError(f"{where}: {name} has shape {arrays[name].shape}, the model needs {tuple(shape)}")
+    leaves = iter(arrays[name] for name in expected)
+    return jax.tree.map(lambda _: next(leaves), abstract_params)
+
+
+def export_workdir(workdir: str | Path, path: str | Path, which: str = "best", dtype: str = "float16") -> Path:
+    """Writes the ``which`` checkpoint of a work directory (see :func:`capsjax.evaluate.load_run`) as a weights
+    file."""
+    from capsjax.evaluate import load_run
+
+    run = load_run(workdir, which)
+    source = f"{run.which} checkpoint (step {run.step}) of {Path(workdir).name}"
+    return save_weights(path, run.params, run.config, step=run.step, source=source, dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m capsjax.weights", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write a work directory's checkpoint as a weights file")
+    export.add_argument("workdir")
+    export.add_argument("path", help=f"the weights file to write (*{SUFFIX})")
+    export.add_argument("--checkpoint", default="best", help="best (default), latest or a step number")
+    export.add_argument("--dtype", default="float16", choices=list(DTYPES))
+    args = parser.parse_args(argv)
+    try:
+        path = export_workdir(args.workdir, args.path, args.checkpoint, args.dtype)
+    except (ValueError, RuntimeError) as err:
+        print(f"{parser.prog}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

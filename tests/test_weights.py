@@ -1,0 +1,104 @@
+"""Weights files (capsjax.weights): round trip, loading without a work directory, clear errors for broken files."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from capsjax import weights
+from capsjax.config import OptimConfig, get_config
+from capsjax.evaluate import load_run, predict, predict_arrays
+from capsjax.steps import init_state
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = get_config("smoke")
+
+
+@pytest.fixture(scope="module")
+def params():
+    _, state = init_state(CONFIG.model, OptimConfig(), seed=3)
+    return jax.device_get(state.params)
+
+
+def test_round_trip_keeps_config_and_parameters_to_float16(tmp_path, params):
+    path = weights.save_weights(tmp_path / "w.safetensors", params, CONFIG, step=17, source="test")
+    config, arrays, metadata = weights.read_weights(path)
+    assert config == CONFIG and metadata["step"] == "17" and metadata["source"] == "test"
+    named = weights._named_leaves(params)
+    assert set(arrays) == set(named) and "classes/W" in arrays and "decoder/hidden/0/kernel" in arrays
+    for name, value in named.items():
+        assert arrays[name].dtype == np.float32
+        np.testing.assert_array_equal(arrays[name], np.asarray(value).astype(np.float16).astype(np.float32))
+    # float32 storage is exact
+    path32 = weights.save_weights(tmp_path / "w32.safetensors", params, CONFIG, step=0, dtype="float32")
+    _, exact, _ = weights.read_weights(path32)
+    for name, value in named.items():
+        np.testing.assert_array_equal(exact[name], value)
+
+
+def test_predict_from_a_weights_file_equals_the_model_with_rounded_parameters(tmp_path, params):
+    path = weights.save_weights(tmp_path / "w.safetensors", params, CONFIG, step=5)
+    run = load_run(path)
+    assert run.which == "weights" and run.step == 5 and run.config == CONFIG
+    images = np.random.default_rng(0).integers(0, 256, (6, 28, 28, 1), dtype=np.uint8)
+    from_file = predict(path, images)
+    rounded = jax.tree.map(lambda a: np.asarray(a).astype(np.float16).astype(np.float32), params)
+    direct = predict_arrays(run.steps, rounded, images)
+    np.testing.assert_allclose(from_file.lengths, direct.lengths, rtol=1e-6, atol=1e-7)
+
+
+def test_broken_weights_files_are_one_clear_error(tmp_path, params):
+    with pytest.raises(weights.WeightsError, match="not found"):
+        weights.read_weights(tmp_path / "missing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    with pytest.raises(weights.WeightsError, match="not a readable safetensors file"):
+        weights.read_weights(garbage)
+    from safetensors.numpy import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"a": np.zeros(3, np.float32)}, str(foreign))
+    with pytest.raises(weights.WeightsError, match="not a capsjax weights file"):
+        weights.read_weights(foreign)
+    # a file whose arrays do not fit the config it carries
+    path = weights.save_weights(tmp_path / "w.safetensors", params, CONFIG, step=0)
+    bigger = dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, class_dim=12))
+    misfit = weights.save_weights(tmp_path / "misfit.safetensors", params, bigger, step=0)
+    with pytest.raises(weights.WeightsError, match="shape"):
+        load_run(misfit)
+    # a file cut short
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(weights.WeightsError, match="not a readable"):
+        weights.read_weights(truncated)
+    with pytest.raises(ValueError, match="must end in"):
+        weights.save_weights(tmp_path / "w.npz", params, CONFIG, step=0)
+
+
+@pytest.mark.slow
+def test_export_then_eval_cli_with_weights_matches_the_workdir(tmp_path):
+    from capsjax.train import train_and_evaluate
+
+    workdir = tmp_path / "run"
+    train_and_evaluate(dataclasses.replace(CONFIG, progress=False, epochs=1), workdir)
+    exported = tmp_path / "out" / "params.safetensors"
+    cli = [sys.executable, "-m", "capsjax.weights", "export", str(workdir), str(exported), "--dtype", "float32"]
+    done = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    results = {}
+    for flag, value in (("--workdir", workdir), ("--weights", exported)):
+        done = subprocess.run(
+            [sys.executable, "eval.py", flag, str(value), "--no-figures", "--out-dir", str(tmp_path / flag[2:])],
+            capture_output=True, text=True, cwd=ROOT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        results[flag] = json.loads((tmp_path / flag[2:] / "eval_test.json").read_text())
+    assert results["--weights"]["accuracy"] == results["--workdir"]["accuracy"]
+    assert results["--weights"]["loss"] == pytest.approx(results["--workdir"]["loss"], rel=1e-5)
+    bad = subprocess.run([sys.executable, "eval.py", "--weights", str(workdir)], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and ".safetensors" in bad.stderr
