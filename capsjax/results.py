@@ -1,0 +1,275 @@
+"""The reference runs in ``results/``: collect a run's small files, summarize them, and generate the README's table.
+
+Each reference run has one folder ``results/<name>/`` with the run's ``config.json``, ``metrics.jsonl``,
+``results.json`` (once finished), its evaluation JSON and a few small figures, plus ``record.json``: the exact command,
+the machine, the first and last time the folder was collected, and the status. Orbax checkpoints stay in the run's
+work directory (outside the repository); a reference run's final weights may sit beside them as
+``params.safetensors`` (:mod:`capsjax.weights`).
+
+    python -m capsjax.results collect ~/capsjax-runs/mnist-default results/mnist-default \\
+        --command "python train.py --preset default --data-dir ../shared/data/mnist --workdir ~/capsjax-runs/mnist-default"
+    python -m capsjax.results table --write README.md     # regenerate the table between the README's markers
+    python -m capsjax.results replay results/mnist-default --data-dir ../shared/data/mnist --steps 100
+
+Every figure of the table is computed here from those files: nothing in it is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+COPIED = ("config.json", "metrics.jsonl", "results.json", "diverged.json")
+COPIED_GLOBS = ("eval_*.json", "*.png")
+MAX_FIGURE_BYTES = 400_000  # figures above this stay in the work directory
+BEGIN, END = "<!-- results table: begin (python -m capsjax.results table --write README.md) -->", "<!-- results table: end -->"
+TARGET_ACCURACY = 0.995  # "time to 99.5%" in the table
+
+
+def machine() -> str:
+    """The CPU model (``lscpu``'s model name), core count and widest vector extension (with bfloat16 arithmetic if
+    the CPU has it), or the accelerator JAX would use."""
+    try:
+        import jax
+
+        device = jax.devices()[0]
+        if device.platform != "cpu":
+            return f"{jax.device_count()} x {device.device_kind}"
+    except Exception:  # noqa: BLE001 (no JAX backend: describe the CPU)
+        pass
+    model = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = set(next((line for line in cpuinfo if line.startswith("flags")), ":").split(":", 1)[1].split())
+    except OSError:
+        pass
+    vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "")
+    bf16 = " with bf16" if flags & {"avx512_bf16", "amx_bf16"} else ""
+    return ", ".join(part for part in (model, f"{os.cpu_count()} cores", vector + bf16) if part)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (a line cut short by a crash is skipped)."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def summarize(folder: Path) -> dict[str, Any]:
+    """What the table shows of one run folder: epochs done and planned, the best validation accuracy and the test
+    accuracy logged for that checkpoint, the last test accuracy, wall time (the sum of the epochs' training times),
+    and the training time until the test accuracy first reached :data:`TARGET_ACCURACY` (None if it never did)."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    record = json.loads((folder / "record.json").read_text()) if (folder / "record.json").exists() else {}
+    records = read_metrics(folder / "metrics.jsonl")
+    validation = [r for r in records if r.get("split") == "validation" and "epoch_time_s" in r]
+    tests = {r["step"]: r for r in records if r.get("split") == "test" and not r.get("final")}
+    summary: dict[str, Any] = {
+        "name": folder.name,
+        "dataset": config["dataset"],
+        "epochs_done": len(validation),
+        "epochs_planned": config["epochs"],
+        "wall_time_s": sum(r["epoch_time_s"] for r in validation),
+        "command": record.get("command", ""),
+        "machine": record.get("machine", ""),
+        "status": record.get("status", ""),
+        "best_validation_accuracy": None,
+        "test_accuracy_at_best": None,
+        "last_test_accuracy": None,
+        "seconds_to_target": None,
+    }
+    if validation:
+        best = max(validation, key=lambda r: (r["accuracy"], -r["step"]))  # the first of equals, as the checkpoints
+        summary["best_validation_accuracy"] = best["accuracy"]
+        summary["best_epoch"] = round(best["step"] / (validation[0]["step"] or 1))
+        summary["test_accuracy_at_best"] = tests.get(best["step"], {}).get("accuracy")
+    elapsed = 0.0
+    for r in validation:
+        elapsed += r["epoch_time_s"]
+        accuracy = tests.get(r["step"], {}).get("accuracy")
+        if accuracy is not None:
+            summary["last_test_accuracy"] = accuracy
+            if summary["seconds_to_target"] is None and accuracy >= TARGET_ACCURACY:
+                summary["seconds_to_target"] = elapsed
+    return summary
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    minutes = seconds / 60
+    return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
+
+
+def table(results_dir: str | Path = "results") -> str:
+    """The README's results table (Markdown), one row per folder of ``results_dir`` that has a ``config.json``."""
+    rows = [
+        "| run | dataset | epochs | test accuracy (best-validation checkpoint) | best validation | last test "
+        f"| training time | to {100 * TARGET_ACCURACY:g}% test | machine | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    folders = sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists())
+    for folder in folders:
+        s = summarize(folder)
+        epochs = f"{s['epochs_done']} of {s['epochs_planned']}"
+        if s["status"] and s["status"] != "complete":
+            epochs += f" ({s['status']})"
+        best = _percent(s["test_accuracy_at_best"])
+        if s["best_validation_accuracy"] is not None:
+            best += f" (epoch {s['best_epoch']})"
+        rows.append(
+            f"| [{s['name']}](results/{s['name']}) | {s['dataset']} | {epochs} | {best} "
+            f"| {_percent(s['best_validation_accuracy'])} | {_percent(s['last_test_accuracy'])} "
+            f"| {_duration(s['wall_time_s'])} | {_duration(s['seconds_to_target'])} | {s['machine']} "
+            f"| `{s['command']}` |"
+        )
+    return "\n".join(rows)
+
+
+def write_table(readme: str | Path, results_dir: str | Path = "results", check: bool = False) -> bool:
+    """Replaces the text between the README's markers with :func:`table`; with ``check``, only says whether it is
+    current. Returns True if the README holds (or now holds) the current table."""
+    readme = Path(readme)
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme} has no results-table markers ({BEGIN} ... {END})")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{BEGIN}\n{table(results_dir)}\n{END}{tail}"
+    if check:
+        return new == text
+    readme.write_text(new)
+    return True
+
+
+def collect(
+    workdir: str | Path, dest: str | Path, command: str, status: str | None = None, note: str | None = None
+) -> Path:
+    """Copies a run's small files from ``workdir`` into ``dest`` and writes ``dest/record.json``; rerun it as the run
+    grows (the first collection's date is kept). ``status`` defaults to "complete" once ``results.json`` exists,
+    "in progress" before; ``note`` (kept until replaced) says what a reader should know, e.g. what else ran."""
+    workdir, dest = Path(workdir).expanduser(), Path(dest)
+    if not (workdir / "config.json").exists():
+        raise ValueError(f"{workdir} has no config.json: is it a capsjax work directory?")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        if (workdir / name).exists():
+            shutil.copy2(workdir / name, dest / name)
+    for pattern in COPIED_GLOBS:
+        for path in workdir.glob(pattern):
+            if path.suffix != ".png" or path.stat().st_size <= MAX_FIGURE_BYTES:
+                shutil.copy2(path, dest / path.name)
+    record_path = dest / "record.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    record.setdefault("first_collected", now)
+    record.update(
+        command=command,
+        machine=record.get("machine") or machine(),
+        last_collected=now,
+        status=status or ("complete" if (workdir / "results.json").exists() else "in progress"),
+    )
+    if note is not None:
+        record["note"] = note
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return dest
+
+
+def replay(folder: str | Path, steps: int, data_dir: str | None = None, rtol: float = 1e-4) -> dict[str, Any]:
+    """Retrains the first ``steps`` steps of a recorded run from its ``config.json`` (same seed, data order and
+    augmentation) in a temporary work directory and compares the logged training losses with the recorded ones.
+    Returns the compared steps and the largest relative difference; ``ok`` if it is within ``rtol`` (on the same
+    CPU kind the losses agree to float32 rounding)."""
+    import dataclasses
+
+    from capsjax.config import load_config
+    from capsjax.train import Preempted, train_and_evaluate
+
+    folder = Path(folder)
+    config = load_config(folder / "config.json")
+    config = dataclasses.replace(config, progress=False, tensorboard=False, checkpoint_every_steps=10**9)
+    if data_dir is not None:
+        config = dataclasses.replace(config, data_dir=data_dir)
+    recorded = {r["step"]: r["loss"] for r in read_metrics(folder / "metrics.jsonl") if r.get("split") == "train"}
+    polls = iter(range(steps + 1))
+    with tempfile.TemporaryDirectory() as workdir:
+        try:  # should_stop is polled once per step: stop after `steps` of them
+            train_and_evaluate(config, workdir, should_stop=lambda: next(polls, steps) >= steps)
+        except Preempted:
+            pass
+        again = {r["step"]: r["loss"] for r in read_metrics(Path(workdir) / "metrics.jsonl") if r.get("split") == "train"}
+    common = sorted(set(recorded) & set(again))
+    if not common:
+        raise ValueError(f"no training step logged in both runs (recorded: {sorted(recorded)[:3]}...): raise --steps")
+    worst = max(abs(again[s] - recorded[s]) / max(abs(recorded[s]), 1e-12) for s in common)
+    return {"steps": common, "max_relative_difference": worst, "ok": worst <= rtol}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m capsjax.results", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("collect", help="copy a run's small files into results/<name> and record the command")
+    p.add_argument("workdir")
+    p.add_argument("dest")
+    p.add_argument("--command", dest="run_command", required=True, help="the exact command that trains this run")
+    p.add_argument("--status", default=None, help='e.g. "stopped at the session\'s end" (default: from results.json)')
+    p.add_argument("--note", default=None, help="what a reader should know (e.g. other jobs shared the CPU)")
+    p = sub.add_parser("table", help="print the results table, or write it into the README")
+    p.add_argument("--results-dir", default="results")
+    p.add_argument("--write", metavar="README", default=None)
+    p.add_argument("--check", metavar="README", default=None, help="exit 1 if README's table is not current")
+    p = sub.add_parser("replay", help="retrain a recorded run's first steps and compare the logged losses")
+    p.add_argument("folder")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "collect":
+            print(f"collected into {collect(args.workdir, args.dest, args.run_command, args.status, args.note)}")
+        elif args.command == "table":
+            if args.check:
+                current = write_table(args.check, args.results_dir, check=True)
+                print("the results table is current" if current else f"{args.check}: results table out of date")
+                return 0 if current else 1
+            if args.write:
+                write_table(args.write, args.results_dir)
+            else:
+                print(table(args.results_dir))
+        else:
+            out = replay(args.folder, args.steps, args.data_dir)
+            print(json.dumps({**out, "steps": [out["steps"][0], out["steps"][-1], len(out["steps"])]}))
+            return 0 if out["ok"] else 1
+    except (ValueError, OSError) as err:
+        print(f"{parser.prog}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

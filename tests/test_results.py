@@ -1,0 +1,81 @@
+"""results/ and the README's results table (capsjax.results): summaries by hand, the table generated, not typed."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from capsjax import results
+from capsjax.config import get_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_run(folder: Path, test_by_epoch, validation_by_epoch, epoch_seconds, steps_per_epoch=10, epochs=5):
+    import dataclasses
+
+    folder.mkdir(parents=True)
+    save_config(dataclasses.replace(get_config("default"), epochs=epochs), folder / "config.json")
+    lines = []
+    for epoch, (test, val, seconds) in enumerate(zip(test_by_epoch, validation_by_epoch, epoch_seconds), 1):
+        step = epoch * steps_per_epoch
+        lines.append({"step": step - 5, "split": "train", "loss": 0.1})
+        lines.append({"step": step, "split": "validation", "accuracy": val, "epoch_time_s": seconds})
+        lines.append({"step": step, "split": "test", "accuracy": test})
+    lines.append({"step": lines[-1]["step"], "split": "test", "accuracy": 0.5, "final": True})  # not an epoch's
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 99, "spl')
+
+
+def test_summary_by_hand(tmp_path):
+    folder = tmp_path / "run"
+    write_run(folder, [0.990, 0.995, 0.994], [0.991, 0.996, 0.996], [60.0, 90.0, 30.0])
+    s = results.summarize(folder)
+    assert (s["epochs_done"], s["epochs_planned"], s["wall_time_s"]) == (3, 5, 180.0)
+    # best validation: epoch 2 (epoch 3 ties and comes later, as the checkpoint manager keeps the first)
+    assert (s["best_validation_accuracy"], s["best_epoch"], s["test_accuracy_at_best"]) == (0.996, 2, 0.995)
+    assert s["last_test_accuracy"] == 0.994
+    assert s["seconds_to_target"] == 150.0  # 99.5% first reached at the end of epoch 2
+    write_run(tmp_path / "slow", [0.98, 0.99], [0.98, 0.99], [60.0, 60.0])
+    assert results.summarize(tmp_path / "slow")["seconds_to_target"] is None
+
+
+def test_collect_then_table(tmp_path):
+    workdir = tmp_path / "workdir"
+    write_run(workdir, [0.99], [0.99], [120.0])
+    (workdir / "big.png").write_bytes(b"\0" * (results.MAX_FIGURE_BYTES + 1))
+    (workdir / "small.png").write_bytes(b"\0" * 10)
+    (workdir / "checkpoints").mkdir()
+    dest = results.collect(workdir, tmp_path / "results" / "mnist-x", "python train.py --x", note="shared CPU")
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "metrics.jsonl", "record.json", "small.png"]
+    record = json.loads((dest / "record.json").read_text())
+    assert record["status"] == "in progress" and record["note"] == "shared CPU" and record["machine"]
+    first = record["first_collected"]
+    (workdir / "results.json").write_text("{}")
+    record = json.loads((results.collect(workdir, dest, "python train.py --x") / "record.json").read_text())
+    assert record["status"] == "complete" and record["first_collected"] == first and record["note"] == "shared CPU"
+    text = results.table(tmp_path / "results")
+    row = text.splitlines()[2]
+    assert "[mnist-x](results/mnist-x)" in row and "99.00% (epoch 1)" in row and "2 min" in row
+    assert "`python train.py --x`" in row and "1 of 5" in row
+    with pytest.raises(ValueError, match="config.json"):
+        results.collect(tmp_path / "nothing", tmp_path / "results" / "y", "cmd")
+
+
+def test_write_table_between_the_markers(tmp_path):
+    write_run(tmp_path / "results" / "a", [0.9], [0.9], [60.0])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{results.BEGIN}\nold table\n{results.END}\nafter\n")
+    assert not results.write_table(readme, tmp_path / "results", check=True)
+    results.write_table(readme, tmp_path / "results")
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("after\n") and "old table" not in text and "90.00%" in text
+    assert results.write_table(readme, tmp_path / "results", check=True)
+    (tmp_path / "plain.md").write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        results.write_table(tmp_path / "plain.md", tmp_path / "results")
+
+
+def test_the_readme_results_table_is_generated_from_results():
+    assert results.write_table(ROOT / "README.md", ROOT / "results", check=True), (
+        "README.md's results table differs from results/: run python -m capsjax.results table --write README.md"
+    )
