@@ -54,6 +54,18 @@ def op_table(trace_dir: Path, hlo_text: str, steps: int, top: int) -> list[str]:
     return [f"{ns / 1e6 / steps:8.1f} ms  {name:32s} {shapes.get(name, '')}" for name, ns in totals.most_common(top)]
 
 
+def dot_types(hlo_text: str) -> dict[str, int]:
+    """How many matrix products (dots and convolutions) of the compiled step have each ``lhs,rhs->result`` element
+    type, e.g. ``"bf16,bf16->f32": 12``. On a CPU without bfloat16 arithmetic XLA converts the operands of
+    mixed-precision products back to float32, which shows here as ``f32,f32->f32``."""
+    types = dict(re.findall(r"%(\S+) = (\w+)\[", hlo_text))
+    counts = collections.Counter()
+    for match in re.finditer(r"= (\w+)\[\S* (?:dot|convolution)\(%([^,\s)]+), %([^,\s)]+)\)", hlo_text):
+        result, lhs, rhs = match.groups()
+        counts[f"{types.get(lhs, '?')},{types.get(rhs, '?')}->{result}"] += 1
+    return dict(counts)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import jax
@@ -91,6 +103,7 @@ def main(argv=None) -> dict:
         "train_img_per_s": round(args.batch_size / statistics.median(times), 1),
         "page_faults_per_step": round((after.ru_minflt - before.ru_minflt) / args.steps),
         "kernel_cpu_s_per_step": round((after.ru_stime - before.ru_stime) / args.steps, 3),
+        "compiled_dot_types": dot_types(compiled.as_text()),
     }
     print(json.dumps(result), flush=True)
     if args.top:
