@@ -102,3 +102,28 @@ def test_export_then_eval_cli_with_weights_matches_the_workdir(tmp_path):
     assert results["--weights"]["loss"] == pytest.approx(results["--workdir"]["loss"], rel=1e-5)
     bad = subprocess.run([sys.executable, "eval.py", "--weights", str(workdir)], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and ".safetensors" in bad.stderr
+
+
+COMMITTED = sorted((ROOT / "results").glob("*/params.safetensors"))
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", COMMITTED or [None], ids=lambda p: p.parent.name if p else "none")
+def test_committed_weights_score_the_recorded_test_accuracy(path, mnist_dir):
+    """Each reference run's float16 weights score the test accuracy its log recorded for the best-validation
+    checkpoint, within 0.05 percentage points."""
+    if path is None:
+        pytest.skip("no weights committed under results/")
+    from capsjax import data
+    from capsjax.evaluate import evaluate_arrays
+    from capsjax.results import summarize
+
+    run = load_run(path)
+    data_dir = {"mnist": mnist_dir, "fashion_mnist": FASHION_DIR}.get(run.config.dataset)
+    if data_dir is None or not Path(data_dir).exists():
+        pytest.skip(f"no local {run.config.dataset} data")
+    images, labels = data.load(run.config.dataset, "test", data_dir)
+    accuracy = evaluate_arrays(run.steps, run.params, images, labels, 100)["accuracy"]
+    recorded = summarize(path.parent)["test_accuracy_at_best"]
+    assert abs(accuracy - recorded) <= 0.0005, (accuracy, recorded)
