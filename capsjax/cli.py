@@ -24,11 +24,13 @@ _TRAIN_FLAGS = {
     "batch_size": ("batch_size", int, "global batch size (divisible by the number of devices)"),
     "eval_batch_size": ("eval_batch_size", int, "evaluation batch size"),
     "learning_rate": ("optim.learning_rate", float, "initial Adam learning rate"),
+    "arch": ("model.arch", str, "model: capsnet (default) or cnn (the paper's baseline CNN)"),
     "seed": ("seed", int, "random seed (initialisation, data order, augmentation)"),
     "routing_iterations": ("model.routing_iterations", int, "routing-by-agreement iterations"),
     "train_examples": ("train_examples", int, "train on the first N training examples only"),
     "validation_examples": ("validation_examples", int, "hold the last N training examples out (0: validate on test)"),
     "max_shift": ("max_shift", int, "random shift augmentation in pixels (0: none)"),
+    "canvas_size": ("canvas_size", int, "expanded MNIST: digits at random offsets on a canvas this size (0: off)"),
     "kernels": ("model.kernels", str, "computation: auto (fast on CPU), fast (XLA:CPU-tuned), textbook (capsjax.ops)"),
     "precision": ("model.precision", str, "float32, or mixed (bfloat16 products, float32 accumulation and routing)"),
     "recon_reduction": ("loss.recon_reduction", str, "reconstruction loss over pixels: sum (paper) or mean"),
@@ -189,7 +191,13 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
                         help="a weights file (python -m capsjax.weights export) instead of a work directory; "
                         "figures and eval JSON go beside it unless --out-dir is given")  # fmt: skip
     parser.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
-    parser.add_argument("--data-dir", default=None, help="directory of IDX files (default: the run's)")
+    parser.add_argument("--dataset", default=None,
+                        help="evaluate on another dataset than the run's: affine_mnist (an approximation of affNIST, "
+                        "built from the MNIST files) or affnist (the official .mat files, with --data-dir), for a run "
+                        "trained on expanded MNIST")  # fmt: skip
+    parser.add_argument("--data-dir", default=None,
+                        help="directory of the dataset's files (default: the run's; for --dataset affnist, the folder "
+                        "of the official .mat files)")  # fmt: skip
     parser.add_argument("--checkpoint", default="best", metavar="best|latest|STEP",
                         help="which checkpoint: the best validated one (default; the latest before the first epoch "
                         "ends), the latest, or a step number")  # fmt: skip
@@ -225,17 +233,22 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
             out_dir=args.out_dir,
             figures=not args.no_figures,
             batch_size=args.batch_size,
+            dataset=args.dataset,
         )
     except (ConfigError, DataError, ValueError) as err:  # WeightsError included
         return _fail(prog, str(err), 2)
     except CheckpointError as err:
         return _fail(prog, str(err), 1)
+    if "note" in metrics:
+        print(f"note: {metrics['note']}")
+    named = metrics["dataset"] + (" (an approximation of affNIST)" if metrics["dataset"] == "affine_mnist" else "")
     print(
-        f"{metrics['dataset']} {metrics['split']}: accuracy {100 * metrics['accuracy']:.2f}% "
+        f"{named} {metrics['split']}: accuracy {100 * metrics['accuracy']:.2f}% "
         f"(error {100 * metrics['error_rate']:.2f}%), loss {metrics['loss']:.4f}, {metrics['count']} examples, "
         f"{metrics['checkpoint']} checkpoint at step {metrics['step']}"
     )
-    print(format_confusion(metrics["confusion"]))
+    if "confusion" in metrics:
+        print(format_confusion(metrics["confusion"]))
     for path in metrics.get("figures", []):
         print(f"wrote {path}")
     return 0

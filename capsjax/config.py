@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+ARCHS = ("capsnet", "cnn")  # ModelConfig.arch: the models of capsjax.model.MODELS (kept equal by a test)
 KERNELS = ("auto", "fast", "textbook")  # ModelConfig.kernels; "auto": "fast" on the CPU backend (capsjax.layers)
 PRECISIONS = ("float32", "mixed")  # ModelConfig.precision (capsjax.precision)
 
@@ -34,10 +35,20 @@ def conv_output_size(size: int, kernel: int, stride: int) -> int:
     return (size - kernel) // stride + 1
 
 
+# The ModelConfig fields that only one architecture reads, by name prefix (a field matching none of them is shared).
+# A resumed run ignores changes to the fields its architecture does not read (capsjax.workdir.check_resume).
+ARCH_FIELDS = {
+    "capsnet": ("conv1_", "primary_", "class_dim", "routing_", "decoder_hidden", "use_decoder"),
+    "cnn": ("cnn_",),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Every size of the network. The defaults are the paper's MNIST model (8,215,568 parameters)."""
+    """Every size of the networks. ``arch`` chooses the model (:data:`ARCHS`); the defaults are the paper's MNIST
+    CapsNet (8,215,568 parameters), and ``arch="cnn"`` its baseline CNN (35,445,522 parameters on MNIST)."""
 
+    arch: str = "capsnet"  # "capsnet" | "cnn" (the paper's baseline): a key of capsjax.model.MODELS
     image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C
     num_classes: int = 10
     conv1_channels: int = 256
@@ -57,8 +68,15 @@ class ModelConfig:
     # "mixed": bfloat16 operands, float32 accumulation in the convolutions' and the decoder's products, forward and
     # backward; parameters, routing, losses and reductions stay float32 (capsjax.precision)
     precision: str = "float32"
+    # the baseline CNN (arch="cnn"): SAME convolutions with ReLU, fully connected ReLU layers, dropout, linear output
+    cnn_channels: tuple[int, ...] = (256, 256, 128)
+    cnn_kernel: int = 5
+    cnn_hidden: tuple[int, ...] = (328, 192)
+    cnn_dropout: float = 0.5  # drop rate before the output layer, in training only
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {list(ARCHS)}, got {self.arch!r}")
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (height, width, channels), got {self.image_shape}")
         if self.routing_iterations < 1:
@@ -66,7 +84,21 @@ class ModelConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         check_kernels(self.kernels)  # "auto" is resolved in the layers: here it would start JAX's backend
-        self.primary_grid  # raises if the convolution kernels do not fit the image
+        if self.arch == "capsnet":
+            self.primary_grid  # raises if the convolution kernels do not fit the image
+        if not self.cnn_channels or min(self.cnn_channels) < 1 or self.cnn_kernel < 1 or min(self.cnn_hidden, default=1) < 1:
+            raise ValueError("cnn_channels (at least one), cnn_kernel and cnn_hidden must be positive")
+        if not 0.0 <= self.cnn_dropout < 1.0:
+            raise ValueError(f"cnn_dropout must lie in [0, 1), got {self.cnn_dropout}")
+
+    @property
+    def unused_fields(self) -> tuple[str, ...]:
+        """The fields that ``arch`` does not read (those :data:`ARCH_FIELDS` gives to the other architectures)."""
+        own = ARCH_FIELDS.get(self.arch, ())
+        others = tuple(p for arch, prefixes in ARCH_FIELDS.items() if arch != self.arch for p in prefixes)
+        return tuple(
+            f.name for f in dataclasses.fields(self) if f.name.startswith(others) and not f.name.startswith(own)
+        )
 
     @property
     def primary_grid(self) -> tuple[int, int]:
@@ -141,6 +173,8 @@ class TrainConfig:
     eval_batch_size: int = 100  # on a CPU as fast per image as 500, with a fifth of the scratch memory
     epochs: int = 50
     max_shift: int = 2  # random translation of up to this many pixels, zero padded (the paper's augmentation)
+    canvas_size: int = 0  # expanded MNIST: 40 puts each training digit at a random offset on a 40x40 black canvas
+    # (on device, every step) and the validation and test digits at fixed, seeded offsets (capsjax.data.canvas); 0: off
     seed: int = 0
     log_every_steps: int = 50
     checkpoint_every_steps: int = 1000
@@ -155,8 +189,13 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_shift < 0 or self.validation_examples < 0 or self.safe_checkpoint_margin < 0:
-            raise ConfigError("max_shift, validation_examples and safe_checkpoint_margin must be >= 0")
+        if self.max_shift < 0 or self.validation_examples < 0 or self.safe_checkpoint_margin < 0 or self.canvas_size < 0:
+            raise ConfigError("max_shift, validation_examples, safe_checkpoint_margin and canvas_size must be >= 0")
+        if self.canvas_size and self.max_shift:
+            raise ConfigError(
+                f"canvas_size={self.canvas_size} places the digits at random offsets, which replaces the random "
+                f"shifts: set max_shift=0 (got {self.max_shift})"
+            )
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.train_examples is not None and self.train_examples < 1:
@@ -240,8 +279,22 @@ def _accelerator() -> TrainConfig:
     )
 
 
+def _baseline() -> TrainConfig:
+    """The paper's baseline CNN (``model.arch="cnn"``) with the default's optimizer, schedule and +-2 px shifts."""
+    return dataclasses.replace(_default(), model=ModelConfig(arch="cnn"))
+
+
+def _expanded_mnist() -> TrainConfig:
+    """Expanded MNIST (section 5.2 of the paper): each training digit at a random position of a 40x40 black canvas
+    (no other augmentation), the model sized for 40x40 inputs (12 x 12 x 32 primary capsules); ``--arch cnn`` for
+    the baseline."""
+    return dataclasses.replace(_default(), model=ModelConfig(image_shape=(40, 40, 1)), canvas_size=40, max_shift=0)
+
+
 PRESETS = {
     "default": _default,
+    "baseline": _baseline,
+    "expanded_mnist": _expanded_mnist,
     "tutorial": _tutorial,
     "smoke": _smoke,
     "fashion_mnist": _fashion_mnist,
@@ -252,7 +305,8 @@ PRESETS = {
 
 
 def get_config(name: str = "default") -> TrainConfig:
-    """A named preset: default (the paper), tutorial, smoke, fashion_mnist, fast, quick, accelerator."""
+    """A named preset: default (the paper), baseline (its CNN), expanded_mnist, tutorial, smoke, fashion_mnist, fast,
+    quick, accelerator."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]()

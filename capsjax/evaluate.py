@@ -15,7 +15,6 @@ from flax import nnx
 from capsjax.checkpoint import CheckpointError, Checkpoints
 from capsjax.config import ConfigError, TrainConfig, load_config
 from capsjax.data.pipeline import padded_batches
-from capsjax.model import CapsNetOutput
 from capsjax.steps import MAX_IN_FLIGHT, Steps, default_mesh, init_state, make_steps, wait_for_queue
 
 
@@ -41,13 +40,15 @@ def evaluate_arrays(
     batch_size: int,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """Mean loss terms, accuracy, error rate, per-class accuracy and the confusion matrix (rows: true class) over all
-    ``images`` [N, H, W, C] (uint8 or float in [0, 1]) and ``labels`` [N], decoding the predicted class.
+    """Mean loss terms (the model's), accuracy, error rate and, for int labels, per-class accuracy and the confusion
+    matrix (rows: true class) over all ``images`` [N, H, W, C] (uint8 or float in [0, 1]) and ``labels`` (int [N], or
+    k-hot [N, K], scored by :func:`capsjax.steps.correct_predictions`).
 
     ``should_stop()`` is polled between batches; raises :class:`StopRequested` when it returns True."""
     sharding = steps.data_sharding
     totals, dispatched = None, []
-    for mask, x, y in padded_batches((images, labels.astype(np.int32)), _device_multiple(batch_size, steps)):
+    labels = labels.astype(np.int32) if labels.ndim == 1 else labels.astype(np.float32)
+    for mask, x, y in padded_batches((images, labels), _device_multiple(batch_size, steps)):
         if should_stop is not None and should_stop():
             raise StopRequested
         sums = steps.evaluate(params, global_batch(sharding, x), global_batch(sharding, y), global_batch(sharding, mask))
@@ -56,14 +57,16 @@ def evaluate_arrays(
         wait_for_queue(dispatched)
     totals = jax.device_get(totals)
     count = float(totals["count"])
-    confusion = np.asarray(totals["confusion"], np.int64)
-    result = {k: float(totals[k]) / count for k in ("loss", "margin_loss", "recon_loss") if k in totals}
+    tables = ("correct", "count", "confusion")
+    result = {k: float(v) / count for k, v in totals.items() if k not in tables}  # the model's loss terms
     result["accuracy"] = float(totals["correct"]) / count
     result["error_rate"] = 1.0 - result["accuracy"]
     result["count"] = int(count)
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-    result["per_class_accuracy"] = [float(a) for a in per_class]
-    result["confusion"] = confusion.tolist()
+    if "confusion" in totals:
+        confusion = np.asarray(totals["confusion"], np.int64)
+        per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+        result["per_class_accuracy"] = [float(a) for a in per_class]
+        result["confusion"] = confusion.tolist()
     return result
 
 
@@ -84,7 +87,7 @@ class Run:
 
     @property
     def model(self):
-        """The NNX CapsNet with the loaded parameters."""
+        """The NNX model (``config.model.arch``) with the loaded parameters."""
         return nnx.merge(self.steps.graphdef, self.params)
 
 
@@ -162,25 +165,26 @@ def _unit_images(images: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
     return images.astype(np.float32)
 
 
-def predict_arrays(steps: Steps, params: Any, images: np.ndarray, batch_size: int = 100) -> CapsNetOutput:
-    """:func:`predict` for compiled ``steps`` and ``params``: ``images`` [N, H, W, C], uint8 or float in [0, 1]."""
+def predict_arrays(steps: Steps, params: Any, images: np.ndarray, batch_size: int = 100):
+    """:func:`predict` for compiled ``steps`` and ``params``: ``images`` [N, H, W, C] (N >= 1), uint8 or float in
+    [0, 1]. Returns the model's output tuple of NumPy arrays."""
     outputs = []
     for mask, x in padded_batches((images,), _device_multiple(batch_size, steps)):
         out = jax.device_get(steps.predict(params, global_batch(steps.data_sharding, x)))
         valid = int(mask.sum())
         outputs.append(jax.tree.map(lambda a: a[:valid], out))
-    return CapsNetOutput(*(None if parts[0] is None else np.concatenate(parts) for parts in zip(*outputs)))
+    return type(outputs[0])(*(None if parts[0] is None else np.concatenate(parts) for parts in zip(*outputs)))
 
 
-def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 100) -> CapsNetOutput:
-    """Class capsules, lengths (class probabilities) and reconstructions (of the predicted class) for ``images``
-    [N, H, W, C] or [N, H, W] (uint8 in [0, 255] or float in [0, 1]), from a :class:`Run` or a work directory
-    (its best checkpoint).
+def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 100):
+    """The model's outputs for ``images`` [N, H, W, C] or [N, H, W] (uint8 in [0, 255] or float in [0, 1]), from a
+    :class:`Run` or a work directory (its best checkpoint); :func:`class_scores` gives the predictions.
 
     Returns:
-      A :class:`~capsjax.model.CapsNetOutput` of NumPy arrays: ``capsules`` [N, num_classes, class_dim],
-      ``lengths`` [N, num_classes] (``lengths.argmax(-1)`` is the prediction) and ``reconstructions``
-      [N, H, W, C] in [0, 1] (None for a model without decoder).
+      The model's output tuple of NumPy arrays. For the CapsNet a :class:`~capsjax.model.CapsNetOutput`:
+      ``capsules`` [N, num_classes, class_dim], ``lengths`` [N, num_classes] (the class probabilities;
+      ``lengths.argmax(-1)`` is the prediction) and ``reconstructions`` [N, H, W, C] in [0, 1] (of the predicted
+      class; None without decoder). For the baseline CNN a :class:`~capsjax.baseline.CNNOutput`: ``logits``.
     """
     if not isinstance(run, Run):
         run = load_run(run)
@@ -188,15 +192,21 @@ def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 100) ->
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = _unit_images(images, tuple(run.config.model.image_shape))
     if len(images) == 0:
-        k, d = run.config.model.num_classes, run.config.model.class_dim
-        recon = np.zeros((0, *run.config.model.image_shape), np.float32) if run.config.model.use_decoder else None
-        return CapsNetOutput(np.zeros((0, k, d), np.float32), np.zeros((0, k), np.float32), recon)
+        n = run.steps.mesh.size
+        shapes = jax.eval_shape(run.steps.predict, run.params, jax.ShapeDtypeStruct((n, *images.shape[1:]), images.dtype))
+        return jax.tree.map(lambda s: np.zeros((0, *s.shape[1:]), s.dtype), shapes)
     return predict_arrays(run.steps, run.params, images, batch_size)
+
+
+def class_scores(run: Run, output) -> np.ndarray:
+    """The class scores [N, num_classes] of :func:`predict`'s ``output`` (the model's ``class_scores``: capsule
+    lengths, logits); their argmax is the prediction."""
+    return np.asarray(run.model.class_scores(output))
 
 
 def decode(run: Run, capsules: np.ndarray) -> np.ndarray:
     """Decoder images [N, H, W, C] for (already masked) class capsules [N, num_classes, class_dim]."""
-    if run.config.model.use_decoder is False:
+    if getattr(run.model, "decoder", None) is None:
         raise ValueError("this model has no decoder")
     model = run.model
     return np.asarray(jax.jit(lambda c: model.decoder(c))(jnp.asarray(capsules, jnp.float32)))
@@ -223,30 +233,68 @@ def evaluate_workdir(
     out_dir: str | Path | None = None,
     figures: bool = True,
     batch_size: int | None = None,
+    dataset: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluates a trained run on ``split`` of its dataset and writes ``eval_<split>.json`` and the figures
-    (reconstructions, pose-perturbation grid, training curves, confusion matrix) into ``out_dir`` (default:
-    ``workdir``).
+    """Evaluates a trained run on ``split`` of its dataset (placed on its canvas as in training, for expanded MNIST)
+    and writes ``eval_<split>.json`` and the figures (reconstructions, pose-perturbation grid, training curves,
+    confusion matrix) into ``out_dir`` (default: ``workdir``).
+
+    With another ``dataset`` (e.g. ``"affine_mnist"`` or ``"affnist"`` for a run trained on expanded MNIST) it
+    writes ``eval_<dataset>_<split>.json``, ``<dataset>_examples.png`` (transformed digits with predictions and, for
+    the CapsNet, reconstructions; the wrong ones first) and ``confusion_<dataset>.png``.
 
     Returns:
-      The metrics of :func:`evaluate_arrays` (``accuracy``, ``error_rate``, ``loss``, ``margin_loss``,
-      ``recon_loss``, ``count``, ``per_class_accuracy`` [K], ``confusion`` [K, K]) plus ``split``, ``checkpoint``,
-      ``step``, ``dataset`` and, with ``figures``, the written ``figures`` paths.
+      The metrics of :func:`evaluate_arrays` (``accuracy``, ``error_rate``, the model's loss terms, ``count``,
+      ``per_class_accuracy`` [K], ``confusion`` [K, K]) plus ``split``, ``checkpoint``, ``step``, ``dataset``,
+      ``note`` for a dataset that needs one (``affine_mnist``: an approximation of affNIST) and, with ``figures``,
+      the written ``figures`` paths.
     """
     from capsjax import data as datalib
+    from capsjax.data.canvas import DATASET_NOTES
 
     run = load_run(workdir, which)
     out_dir = Path(out_dir or (Path(workdir).parent if run.which == "weights" else workdir))
     out_dir.mkdir(parents=True, exist_ok=True)
     config = run.config
-    images, labels = datalib.load(config.dataset, split, data_dir if data_dir is not None else config.data_dir)
+    own = dataset is None or dataset == config.dataset
+    name = config.dataset if own else dataset
+    images, labels = datalib.load_eval_split(config, split, data_dir, None if own else name)
     batch_size = batch_size or config.eval_batch_size
     metrics = evaluate_arrays(run.steps, run.params, images, labels, batch_size)
-    metrics.update(split=split, checkpoint=run.which, step=run.step, dataset=config.dataset)
-    (out_dir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics.update(split=split, checkpoint=run.which, step=run.step, dataset=name)
+    if name in DATASET_NOTES:
+        metrics["note"] = DATASET_NOTES[name]
+    stem = f"eval_{split}" if own else f"eval_{name.replace('/', '_')}_{split}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if figures and jax.process_index() == 0:
-        metrics["figures"] = [str(p) for p in _figures(run, images, labels, metrics, Path(workdir), out_dir)]
+        if own:
+            paths = _figures(run, images, labels, metrics, Path(workdir), out_dir)
+        else:
+            paths = _transfer_figures(run, images, labels, metrics, name.replace("/", "_"), out_dir)
+        metrics["figures"] = [str(p) for p in paths]
     return metrics
+
+
+def _transfer_figures(run: Run, images, labels, metrics, name: str, out_dir: Path, count: int = 12) -> list[Path]:
+    """Examples of another dataset (the wrong predictions among the first 500 first, then right ones) and its
+    confusion matrix."""
+    from capsjax import viz
+
+    head = images[:500]
+    out = predict(run, head)
+    predictions = class_scores(run, out).argmax(-1)
+    wrong = np.flatnonzero(predictions != labels[:500])
+    right = np.flatnonzero(predictions == labels[:500])
+    chosen = np.concatenate([wrong[: count // 2], right])[:count]
+    recon = getattr(out, "reconstructions", None)
+    note = " (an approximation of affNIST)" if name == "affine_mnist" else ""
+    title = f"{name}{note} {metrics['split']}: accuracy {100 * metrics['accuracy']:.2f}%"
+    paths = [viz.plot_reconstructions(head[chosen], None if recon is None else recon[chosen], labels[:500][chosen],
+                                      predictions[chosen], out_dir / f"{name}_examples.png", max_images=count,
+                                      title=title)]  # fmt: skip
+    if "confusion" in metrics:
+        paths.append(viz.plot_confusion_matrix(np.asarray(metrics["confusion"]), out_dir / f"confusion_{name}.png"))
+    return paths
 
 
 def _figures(run: Run, images, labels, metrics, workdir: Path, out_dir: Path) -> list[Path]:
@@ -255,8 +303,8 @@ def _figures(run: Run, images, labels, metrics, workdir: Path, out_dir: Path) ->
     paths = []
     sample = images[:10]
     out = predict(run, sample)
-    predictions = out.lengths.argmax(-1)
-    if out.reconstructions is not None:
+    predictions = class_scores(run, out).argmax(-1)
+    if getattr(out, "reconstructions", None) is not None:
         paths.append(
             viz.plot_reconstructions(sample, out.reconstructions, labels[:10], predictions, out_dir / "reconstructions.png")
         )
@@ -264,7 +312,8 @@ def _figures(run: Run, images, labels, metrics, workdir: Path, out_dir: Path) ->
         paths.append(
             viz.plot_pose_grid(lambda c: decode(run, c), first, int(predictions[0]), out_dir / "pose_grid.png")
         )
-    paths.append(viz.plot_confusion_matrix(np.asarray(metrics["confusion"]), out_dir / "confusion.png"))
+    if "confusion" in metrics:
+        paths.append(viz.plot_confusion_matrix(np.asarray(metrics["confusion"]), out_dir / "confusion.png"))
     metrics_file = workdir / "metrics.jsonl"
     if metrics_file.exists() and metrics_file.stat().st_size:
         paths.append(viz.plot_training_curves(metrics_file, out_dir / "training_curves.png"))

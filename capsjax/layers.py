@@ -30,11 +30,19 @@ def resolve_kernels(kernels: str) -> str:
     return kernels
 
 
-class Conv2D(nnx.Module):
-    """VALID convolution with a bias: XLA's native convolution, or :func:`capsjax.fast.conv2d` (``kernels``).
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """The zeros added before and after an axis of ``size`` so that a convolution keeps ``ceil(size / stride)``
+    outputs (TensorFlow's and XLA's "SAME": the odd one goes after)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
 
-    ``precision`` (:mod:`capsjax.precision`): ``"float32"``, or ``"mixed"`` for bfloat16 operands in the products;
-    parameters and the result stay float32.
+
+class Conv2D(nnx.Module):
+    """Convolution with a bias: XLA's native convolution, or :func:`capsjax.fast.conv2d` (``kernels``).
+
+    ``padding`` is "VALID" (the CapsNet's) or "SAME" (zeros around the input, then the VALID product: the fast form
+    is VALID only). ``precision`` (:mod:`capsjax.precision`): ``"float32"``, or ``"mixed"`` for bfloat16 operands in
+    the products; parameters and the result stay float32.
     """
 
     def __init__(
@@ -44,22 +52,30 @@ class Conv2D(nnx.Module):
         kernel_size: int,
         stride: int = 1,
         *,
+        padding: str = "VALID",
         kernels: str = "auto",
         precision: str = "float32",
         rngs: nnx.Rngs,
     ):
         check_kernels(kernels)  # validate early
         compute_dtype(precision)
+        if padding not in ("VALID", "SAME"):
+            raise ValueError(f"padding must be 'VALID' or 'SAME', got {padding!r}")
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,)))
         self.stride = stride
+        self.padding = padding
         self.kernels = kernels
         self.precision = precision
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x`` [B, H, W, in_features] -> [B, oh, ow, out_features]."""
         kernel, dtype = self.kernel[...], compute_dtype(self.precision)
+        if self.padding == "SAME":
+            kh, kw = kernel.shape[:2]
+            pads = (same_padding(x.shape[1], kh, self.stride), same_padding(x.shape[2], kw, self.stride))
+            x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
         if resolve_kernels(self.kernels) == "fast":
             # bfloat16 operands, float32 accumulation and result, forward and backward
             y = fast.conv2d(x, kernel, self.stride, compute_dtype=dtype)

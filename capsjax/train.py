@@ -96,7 +96,8 @@ def train_and_evaluate(
         config = apply_resume_rules(config, workdir)
         graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
         run = _open_run(config, workdir, datasets, steps_per_epoch, state, should_stop)
-        steps = make_steps(graphdef, config.optim, config.loss, max_shift=config.max_shift, mesh=mesh)  # 4. steps
+        augment = datalib.train_augmentation(config.max_shift, config.canvas_size)
+        steps = make_steps(graphdef, config.optim, config.loss, augment=augment, mesh=mesh)  # 4. steps
         try:
             _loop(run, steps)  # 5. the loop
             return _end_of_run(run, steps)  # 6. end of run
@@ -275,6 +276,8 @@ def _reconstructions_to_tensorboard(run: _Run, steps: Steps, count: int = 8) -> 
         return
     images = run.datasets.validation[0][:count]
     out = predict_arrays(steps, run.state.params, images, batch_size=count)
+    if getattr(out, "reconstructions", None) is None:  # a model without decoder (the baseline CNN)
+        return
     inputs = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images
     run.tensorboard.images("reconstructions", np.concatenate([inputs, out.reconstructions], axis=1), run.step)
     run.tensorboard.flush()

@@ -116,8 +116,8 @@ def test_one_mixed_train_step_matches_float32_within_bfloat16_tolerance(kernels)
         graphdef, params = nnx.split(capsjax.CapsNet(config, rngs=nnx.Rngs(0)))
 
         def loss(params, graphdef=graphdef):
-            out = nnx.merge(graphdef, params)(images, labels)
-            return compute_losses(out, images, labels, capsjax.config.LossConfig())["loss"]
+            model = nnx.merge(graphdef, params)
+            return compute_losses(model, model(images, labels), images, labels, capsjax.config.LossConfig())["loss"]
 
         results[mode] = jax.jit(jax.value_and_grad(loss))(params)
     (loss32, grads32), (loss16, grads16) = results["float32"], results["mixed"]
