@@ -15,6 +15,7 @@ from typing import Any
 
 KERNELS = ("auto", "fast", "textbook")  # ModelConfig.kernels; "auto": "fast" on the CPU backend (capsjax.layers)
 CONV_DTYPES = ("bfloat16", "float16", "float32")  # ModelConfig.conv_dtype
+ROUTINGS = ("dynamic", "em", "inverted_attention", "self_attention")  # ModelConfig.routing: capsjax.routing.ALGORITHMS
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,10 @@ class ModelConfig:
     use_decoder: bool = True
     kernels: str = "auto"  # "auto" | "fast" | "textbook": capsjax.fast or capsjax.ops (see capsjax.layers)
     conv_dtype: str = "float32"  # compute dtype of the two convolutions ("bfloat16" on accelerators); routing stays fp32
+    # The class capsules' routing (capsjax.routing): "dynamic" (the paper) | "em" | "inverted_attention" |
+    # "self_attention". With "em" the primary capsules are sqrt(class_dim) x sqrt(class_dim) pose matrices (4x4) with
+    # an activation each, and primary_dim is not used (capsjax.routing_layers).
+    routing: str = "dynamic"
 
     def __post_init__(self):
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
@@ -64,6 +69,12 @@ class ModelConfig:
         if self.conv_dtype not in CONV_DTYPES:
             raise ValueError(f"conv_dtype must be one of {list(CONV_DTYPES)}, got {self.conv_dtype!r}")
         check_kernels(self.kernels)  # "auto" is resolved in the layers: here it would start JAX's backend
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {list(ROUTINGS)}, got {self.routing!r}")
+        if self.routing == "em" and round(self.class_dim**0.5) ** 2 != self.class_dim:
+            raise ValueError(f"routing 'em' needs class_dim = p * p for p x p pose matrices (16: 4x4), got {self.class_dim}")
+        if self.routing != "dynamic" and (self.routing_bias or self.routing_stop_gradient):
+            raise ValueError("routing_bias and routing_stop_gradient apply to routing 'dynamic' only")
         self.primary_grid  # raises if the convolution kernels do not fit the image
 
     @property

@@ -1,13 +1,13 @@
 """Routing algorithms behind one interface: pure functions of the votes, each returning a :class:`Routed`.
 
-==================  ==========================================  ===================================  ===========
-name                paper                                       votes                                iterations
-==================  ==========================================  ===================================  ===========
-``dynamic``         Sabour, Frosst & Hinton, NIPS 2017          ``[..., n_in, n_out, d]``            3
-``em``              Hinton, Sabour & Frosst, ICLR 2018          ``[..., n_in, n_out, p, p]`` + a_i   3
-``inverted_attention``  Tsai et al., ICLR 2020                  ``[..., n_in, n_out, d]``            2
-``self_attention``  Mazzia, Salvetti & Chiaberge, 2021          ``[..., n_in, n_out, d]``            none
-==================  ==========================================  ===================================  ===========
+======================  ======================================  ===================================  ==========  =============
+name                    paper                                   votes                                iterations  module
+======================  ======================================  ===================================  ==========  =============
+``dynamic``             Sabour, Frosst & Hinton, NIPS 2017      ``[..., n_in, n_out, d]``            3           ``agreement``
+``em``                  Hinton, Sabour & Frosst, ICLR 2018      ``[..., n_in, n_out, p, p]`` + a_i   3           ``matrix_em``
+``inverted_attention``  Tsai et al., ICLR 2020                  ``[..., n_in, n_out, d]``            2           ``inverted``
+``self_attention``      Mazzia, Salvetti & Chiaberge, 2021      ``[..., n_in, n_out, d]``            none        ``efficient``
+======================  ======================================  ===================================  ==========  =============
 
 Every function takes the votes first, then its own parameters (learned ones as arrays: EM's ``beta_u``/``beta_a``,
 Layer Normalization's ``scale``/``offset``, self-attention's ``log_priors``), and returns
@@ -26,10 +26,10 @@ from __future__ import annotations
 from typing import Callable
 
 from capsjax.routing._common import Routed, layer_norm
-from capsjax.routing.dynamic import dynamic
-from capsjax.routing.em import em, inverse_temperature, matrix_votes
+from capsjax.routing.agreement import dynamic
+from capsjax.routing.matrix_em import em, inverse_temperature, matrix_votes
 from capsjax.routing.inverted import concurrent_inverted_attention, inverted_attention
-from capsjax.routing.self_attention import exp_squash, self_attention
+from capsjax.routing.efficient import exp_squash, self_attention
 
 ALGORITHMS: dict[str, Callable[..., Routed]] = {
     "dynamic": dynamic,
