@@ -28,8 +28,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from capsjax import ops, routing
+from capsjax.config import ModelConfig, conv_output_size
 from capsjax.layers import Conv2D, Decoder
-from capsjax.model import CapsNetOutput
+from capsjax.model import CapsNet, CapsNetOutput
 from capsjax.routing_layers import CapsuleLayer
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -38,9 +39,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 def stem_output_size(size: int, kernels: tuple[int, ...], strides: tuple[int, ...]) -> int:
     """Spatial size after the stem's VALID convolutions; raises if a kernel does not fit."""
     for kernel, stride in zip(kernels, strides):
-        if size < kernel:
-            raise ValueError(f"a {kernel}x{kernel} kernel of the stem does not fit a map of size {size}")
-        size = (size - kernel) // stride + 1
+        size = conv_output_size(size, kernel, stride)
     return size
 
 
@@ -67,60 +66,58 @@ class DepthwisePrimaryCapsules(nnx.Module):
 
 
 class EfficientCapsNet(nnx.Module):
-    """Efficient-CapsNet for ``image_shape`` images (module docstring); the defaults are the paper's MNIST model.
+    """Efficient-CapsNet (module docstring) for ``config.arch == "efficient_capsnet"``; the defaults are the paper's
+    MNIST model. It reads ``image_shape``, ``num_classes``, ``effcaps_stem_*``, ``primary_dim``, ``class_dim``,
+    ``decoder_hidden``, ``use_decoder``, ``kernels`` and ``conv_dtype``.
 
-    Call with images ``[B, H, W, C]`` in ``[0, 1]`` (and labels in training, for the decoder's mask); ``train=True``
-    normalises with the batch's statistics and updates the running ones, ``train=False`` (inference) uses the running
-    statistics. Returns a :class:`capsjax.model.CapsNetOutput`.
+    Keeps the model contract of :mod:`capsjax.model`, with one addition: Batch Normalization's running statistics are
+    ``nnx.BatchStat`` variables beside the parameters. Called with a ``key`` (training) it normalises with the batch's
+    statistics and updates the running ones; without (evaluation, prediction) it uses the running statistics.
+    Returns a :class:`capsjax.model.CapsNetOutput`; the loss and the class scores are CapsNet's.
     """
 
-    def __init__(
-        self,
-        image_shape: tuple[int, int, int] = (28, 28, 1),
-        num_classes: int = 10,
-        *,
-        stem_channels: tuple[int, ...] = (32, 64, 64, 128),
-        stem_kernels: tuple[int, ...] = (5, 3, 3, 3),
-        stem_strides: tuple[int, ...] = (1, 1, 1, 2),
-        primary_dim: int = 8,
-        class_dim: int = 16,
-        decoder_hidden: tuple[int, ...] = (512, 1024),
-        use_decoder: bool = True,
-        kernels: str = "auto",
-        conv_dtype: str = "float32",
-        rngs: nnx.Rngs,
-    ):
-        if not len(stem_channels) == len(stem_kernels) == len(stem_strides) >= 1:
-            raise ValueError("stem_channels, stem_kernels and stem_strides need one entry per stem convolution")
-        height, width, channels = image_shape
-        self.image_shape = tuple(image_shape)
+    def __init__(self, config: ModelConfig = ModelConfig(arch="efficient_capsnet"), *, rngs: nnx.Rngs):
+        height, width, channels = config.image_shape
+        self.config = config
         he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
         convs, norms = [], []
-        for out, kernel, stride in zip(stem_channels, stem_kernels, stem_strides):
-            conv = Conv2D(channels, out, kernel, stride, kernels=kernels, dtype=_DTYPES[conv_dtype], rngs=rngs)
+        stem = zip(config.effcaps_stem_channels, config.effcaps_stem_kernels, config.effcaps_stem_strides)
+        for out, kernel, stride in stem:
+            conv = Conv2D(channels, out, kernel, stride, kernels=config.kernels, dtype=_DTYPES[config.conv_dtype],
+                          rngs=rngs)  # fmt: skip
             conv.kernel = nnx.Param(he_normal(rngs.params(), conv.kernel.shape))  # Keras's he_normal
             convs.append(conv)
             norms.append(nnx.BatchNorm(out, momentum=0.99, epsilon=1e-3, rngs=rngs))  # Keras's defaults
             channels = out
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
-        sizes = [stem_output_size(s, stem_kernels, stem_strides) for s in (height, width)]
-        self.primary = DepthwisePrimaryCapsules(*sizes, channels, primary_dim, rngs=rngs)
-        num_primary = channels // primary_dim
-        self.classes = CapsuleLayer(num_primary, primary_dim, num_classes, class_dim, routing="self_attention",
-                                    init_std=math.sqrt(2.0 / (num_classes * num_primary * primary_dim)), kernels=kernels,
+        sizes = [stem_output_size(s, config.effcaps_stem_kernels, config.effcaps_stem_strides) for s in (height, width)]
+        self.primary = DepthwisePrimaryCapsules(*sizes, channels, config.primary_dim, rngs=rngs)
+        num_primary, num_classes = channels // config.primary_dim, config.num_classes
+        init_std = math.sqrt(2.0 / (num_classes * num_primary * config.primary_dim))  # Keras's he_normal of W
+        self.classes = CapsuleLayer(num_primary, config.primary_dim, num_classes, config.class_dim,
+                                    routing="self_attention", init_std=init_std, kernels=config.kernels,
                                     rngs=rngs)  # fmt: skip
-        self.decoder = Decoder(num_classes * class_dim, decoder_hidden, image_shape, rngs=rngs) if use_decoder else None
+        self.decoder = None
+        if config.use_decoder:
+            self.decoder = Decoder(num_classes * config.class_dim, config.decoder_hidden, config.image_shape, rngs=rngs)
 
-    def __call__(self, images: jax.Array, labels: jax.Array | None = None, *, train: bool = False) -> CapsNetOutput:
-        if images.ndim != 4 or tuple(images.shape[1:]) != self.image_shape:
-            expected = ", ".join(map(str, self.image_shape))
-            raise ValueError(f"EfficientCapsNet expects images [batch, {expected}], got {images.shape}")
+    def __call__(
+        self, images: jax.Array, targets: jax.Array | None = None, *, key: jax.Array | None = None
+    ) -> CapsNetOutput:
+        """``targets`` (class ids [B] or k-hot [B, K]) mask the decoder; without them the longest capsule does. A
+        ``key`` (training) switches Batch Normalization to the batch's statistics (it draws nothing from it)."""
+        expected = tuple(self.config.image_shape)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"EfficientCapsNet expects images [batch, {', '.join(map(str, expected))}], got {images.shape}")
         x = images.astype(jnp.float32)
         for conv, norm in zip(self.convs, self.norms):
-            x = norm(jax.nn.relu(conv(x)), use_running_average=not train)
+            x = norm(jax.nn.relu(conv(x)), use_running_average=key is None)
         out = self.classes(self.primary(x))
         reconstructions = None
         if self.decoder is not None:
-            mask = jnp.argmax(out.activations, axis=-1) if labels is None else labels
-            reconstructions = self.decoder(ops.mask_capsules(out.poses, mask))
+            reconstructions = self.decoder(ops.mask_capsules(out.poses, targets))
         return CapsNetOutput(out.poses, out.activations, reconstructions)
+
+    # The margin loss + reconstruction and the lengths as class scores, exactly as CapsNet's (they use no state).
+    per_example_losses = CapsNet.per_example_losses
+    class_scores = CapsNet.class_scores

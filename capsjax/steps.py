@@ -17,7 +17,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from capsjax import ops
 from capsjax.config import LossConfig, ModelConfig, OptimConfig
-from capsjax.model import CapsNet
+from capsjax.model import build_model
+
+_MODEL_KEY = 0x6D6F  # the model's training key (dropout) is fold_in(step key, _MODEL_KEY); augmentation takes the step key
 
 
 # How many steps the host may dispatch ahead of the devices. Two keep an accelerator's queue full; an unbounded queue
@@ -42,11 +44,12 @@ class TrainState(struct.PyTreeNode):
 
 
 def make_schedule(config: OptimConfig) -> optax.Schedule:
-    """The learning rate by step: ``learning_rate * decay_rate ** (step / decay_steps)`` (floored with ``staircase``).
-    The optimizer follows it and the train step logs it."""
+    """The learning rate by step: ``learning_rate * decay_rate ** (step / decay_steps)`` (floored with ``staircase``),
+    never below ``min_learning_rate``. The optimizer follows it and the train step logs it."""
     return optax.exponential_decay(
-        config.learning_rate, config.decay_steps, config.decay_rate, staircase=config.staircase
-    )
+        config.learning_rate, config.decay_steps, config.decay_rate, staircase=config.staircase,
+        end_value=config.min_learning_rate or None,
+    )  # fmt: skip
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
@@ -61,25 +64,25 @@ def to_unit_float(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32)
 
 
-def per_example_losses(output, images: jax.Array, labels: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
-    """The objective's terms per example, each ``[B]``: ``margin_loss``, ``recon_loss`` (with a decoder) and their
-    weighted sum ``loss``. The train step takes their batch mean, the eval step their sum over unpadded examples."""
-    margin = ops.margin_loss(output.lengths, labels, config.m_plus, config.m_minus, config.lambda_)
-    terms = {"margin_loss": margin}
-    loss = margin
-    if output.reconstructions is not None:
-        recon = ops.reconstruction_loss(images, output.reconstructions, config.recon_reduction)
-        terms["recon_loss"] = recon
-        loss = loss + config.recon_weight * recon
-    terms["loss"] = loss
-    return terms
+def correct_predictions(scores: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per example ``[B]`` (bool): the argmax of ``scores`` [B, K] is the int label ``targets`` [B]; or, for k-hot
+    ``targets`` [B, K], the k highest scores are exactly the k target classes (ties at the k-th score count as
+    chosen)."""
+    if targets.ndim == scores.ndim - 1:
+        return jnp.argmax(scores, axis=-1) == targets
+    wanted = targets > 0.5
+    k = jnp.sum(wanted, axis=-1, keepdims=True)
+    ranked = jnp.sort(scores, axis=-1)[..., ::-1]
+    kth = jnp.take_along_axis(ranked, jnp.maximum(k - 1, 0), axis=-1)
+    return jnp.all((scores >= kth) == wanted, axis=-1)
 
 
-def compute_losses(output, images: jax.Array, labels: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
-    """Batch means of :func:`per_example_losses` and, for int labels, the accuracy (the train step's metrics)."""
-    metrics = {name: jnp.mean(term) for name, term in per_example_losses(output, images, labels, config).items()}
-    if labels.ndim == 1:
-        metrics["accuracy"] = jnp.mean(jnp.argmax(output.lengths, axis=-1) == labels)
+def compute_losses(model, output, images: jax.Array, targets: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
+    """Batch means of ``model.per_example_losses`` and the accuracy (:func:`correct_predictions`): the train step's
+    metrics."""
+    terms = model.per_example_losses(output, images, targets, config)
+    metrics = {name: jnp.mean(term) for name, term in terms.items()}
+    metrics["accuracy"] = jnp.mean(correct_predictions(model.class_scores(output), targets).astype(jnp.float32))
     return metrics
 
 
@@ -88,8 +91,8 @@ class Steps:
     """The jit-compiled steps of one model on one mesh.
 
     ``train(state, images, labels) -> (state, metrics)``, ``evaluate(params, images, labels, mask) -> sums`` and
-    ``predict(params, images) -> CapsNetOutput`` take uint8 or float images ``[B, H, W, C]``, int labels ``[B]`` and a
-    0/1 mask ``[B]``, sharded along the mesh's ``data`` axis.
+    ``predict(params, images) -> output`` (the model's output tuple) take uint8 or float images ``[B, H, W, C]``,
+    int labels ``[B]`` or k-hot targets ``[B, K]``, and a 0/1 mask ``[B]``, sharded along the mesh's ``data`` axis.
     """
 
     graphdef: Any
@@ -115,15 +118,16 @@ def default_mesh() -> Mesh:
 def init_state(
     model_config: ModelConfig, optim_config: OptimConfig, seed: int, mesh: Mesh | None = None
 ) -> tuple[Any, TrainState]:
-    """Builds the model and its ``TrainState``, created directly replicated over ``mesh``."""
+    """Builds the model ``model_config.arch`` (:func:`capsjax.model.build_model`) and its ``TrainState``, created
+    directly replicated over ``mesh``."""
     mesh = mesh or default_mesh()
-    abstract = nnx.eval_shape(lambda: CapsNet(model_config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(abstract)
     tx = make_optimizer(optim_config)
 
     def create():
         params_key, base_key = jax.random.split(jax.random.key(seed))
-        _, params = nnx.split(CapsNet(model_config, rngs=nnx.Rngs(params_key)))
+        _, params = nnx.split(build_model(model_config, rngs=nnx.Rngs(params_key)))
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=jax.random.key_data(base_key)
         )
@@ -144,7 +148,9 @@ def make_steps(
     """Compiles the train, eval and predict steps.
 
     ``augment(key, images) -> images`` (float images in [0, 1]) runs inside the train step with the per-step key
-    ``fold_in(state.key, state.step)``; by default it is the random shift of up to ``max_shift`` pixels.
+    ``fold_in(state.key, state.step)``; by default it is the random shift of up to ``max_shift`` pixels. The model
+    gets ``key=fold_in(step key, _MODEL_KEY)`` in the train step (dropout) and no key in the eval and predict steps.
+    The loss and the scores are the model's (``per_example_losses``, ``class_scores``: :mod:`capsjax.model`).
     """
     mesh = mesh or default_mesh()
     tx, schedule = make_optimizer(optim_config), make_schedule(optim_config)
@@ -154,37 +160,42 @@ def make_steps(
         def augment(key, images):
             return random_shift(key, images, max_shift)
 
-    def loss_fn(params, images, labels):
+    def loss_fn(params, images, labels, key):
         model = nnx.merge(graphdef, params)
-        metrics = compute_losses(model(images, labels), images, labels, loss_config)
-        return metrics["loss"], metrics
+        metrics = compute_losses(model, model(images, labels, key=key), images, labels, loss_config)
+        return metrics["loss"], (metrics, nnx.state(model, nnx.BatchStat))  # running statistics the call updated
 
     def train_step(state: TrainState, images, labels):
         images = to_unit_float(images)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         if augment is not None:
-            images = augment(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step), images)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, images, labels)
+            images = augment(step_key, images)
+        model_key = jax.random.fold_in(step_key, _MODEL_KEY)
+        grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params, images, labels, model_key)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 count with float32 moments
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        # Batch statistics get zero gradients (so zero Adam updates) and take the values the forward pass computed.
+        params = nnx.merge_state(optax.apply_updates(state.params, updates), batch_stats)
         metrics["learning_rate"] = schedule(state.step)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def eval_step(params, images, labels, mask):
-        """Sums over the examples where ``mask`` is 1 (padding has 0), decoding the predicted class: loss terms,
-        correct count, confusion matrix."""
+        """Sums over the examples where ``mask`` is 1 (padding has 0), without targets (CapsNet decodes the predicted
+        class): loss terms, correct count and, for int labels, the confusion matrix."""
         images = to_unit_float(images)
         model = nnx.merge(graphdef, params)
         out = model(images)
-        num_classes = out.lengths.shape[-1]
-        preds = jnp.argmax(out.lengths, axis=-1)
+        scores = model.class_scores(out)
         weight = mask.astype(jnp.float32)
-        terms = per_example_losses(out, images, labels, loss_config)
+        terms = model.per_example_losses(out, images, labels, loss_config)
         sums = {name: jnp.sum(term * weight) for name, term in terms.items()}
-        sums["correct"] = jnp.sum(jnp.where(preds == labels, weight, 0.0))
+        sums["correct"] = jnp.sum(jnp.where(correct_predictions(scores, labels), weight, 0.0))
         sums["count"] = jnp.sum(weight)
-        sums["confusion"] = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, preds].add(mask.astype(jnp.int32))
+        if labels.ndim == 1:
+            num_classes, preds = scores.shape[-1], jnp.argmax(scores, axis=-1)
+            confusion = jnp.zeros((num_classes, num_classes), jnp.int32)
+            sums["confusion"] = confusion.at[labels, preds].add(mask.astype(jnp.int32))
         return sums
 
     def predict_step(params, images):
