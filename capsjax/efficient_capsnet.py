@@ -97,9 +97,11 @@ class EfficientCapsNet(nnx.Module):
         self.classes = CapsuleLayer(num_primary, config.primary_dim, num_classes, config.class_dim,
                                     routing="self_attention", init_std=init_std, kernels=config.kernels,
                                     rngs=rngs)  # fmt: skip
-        self.decoder = None
-        if config.use_decoder:
-            self.decoder = Decoder(num_classes * config.class_dim, config.decoder_hidden, config.image_shape, rngs=rngs)
+        self.decoder = (
+            Decoder(num_classes * config.class_dim, config.decoder_hidden, config.image_shape, rngs=rngs)
+            if config.use_decoder
+            else None
+        )
 
     def __call__(
         self, images: jax.Array, targets: jax.Array | None = None, *, key: jax.Array | None = None
