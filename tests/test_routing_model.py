@@ -138,3 +138,36 @@ def test_train_step_with_each_routing_lowers_the_loss(name):
         state, metrics = steps.train(state, images, labels)
         losses.append(float(metrics["loss"]))
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0]
+
+
+def test_routing_table_reads_runs_and_the_benchmark(tmp_path, capsys):
+    """benchmarks/routing_table.py on run folders written in the trainer's formats."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from capsjax.config import TrainConfig, save_config
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "routing_table.py"
+    spec = importlib.util.spec_from_file_location("routing_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    for name, accuracy in (("em", 0.98), ("dynamic", 0.99)):
+        run = tmp_path / name
+        run.mkdir()
+        save_config(TrainConfig(model=capsjax.ModelConfig(routing=name)), run / "config.json")
+        (run / "results.json").write_text(json.dumps({"test_accuracy": accuracy, "best_validation_accuracy": 0.5,
+                                                       "epochs": 2}))  # fmt: skip
+        (run / "metrics.jsonl").write_text("".join(json.dumps({"split": "validation", "epoch_time_s": t}) + "\n"
+                                                   for t in (10.0, 30.0, 20.0)))  # fmt: skip
+        (run / "command").write_text(f"python train.py --set model.routing={name}\n")
+    (tmp_path / "not_a_run").mkdir()
+    bench = {"routings": [{"routing": "em", "params": 7, "train_step_s": 0.5, "scratch_mib": 3.0, "peak_rss_mib": 9.0}]}
+    (tmp_path / "benchmark.json").write_text(json.dumps(bench) + "\n")
+    got = table.main([str(tmp_path), "--json"])
+    assert [r["routing"] for r in got] == ["dynamic", "em"]
+    assert got[1]["test_accuracy"] == 0.98 and got[1]["epoch_time_s"] == 20.0 and got[1]["train_step_s"] == 0.5
+    assert got[0]["params"] is None
+    table.main([str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("| em | 3 | 2 | 50.00% | 98.00% | 20.0 | 7 | 0.5 | 3.0 | 9.0 | `python train.py")
