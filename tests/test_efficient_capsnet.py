@@ -23,7 +23,7 @@ TINY = dataclasses.replace(EFFICIENT, image_shape=(12, 12, 1), effcaps_stem_chan
 
 
 def test_parameter_count_is_the_papers():
-    """161,824 trainable parameters (the paper's 161K), 576 running statistics; the decoder adds 1,411,344."""
+    """161,824 trainable parameters and 576 running statistics (about 162k); the decoder adds 1,411,344."""
     model = nnx.eval_shape(lambda: capsjax.build_model(EFFICIENT, rngs=nnx.Rngs(0)))
     assert isinstance(model, EfficientCapsNet)
     stem = (5 * 5 * 1 * 32 + 32) + (3 * 3 * 32 * 64 + 64) + (3 * 3 * 64 * 64 + 64) + (3 * 3 * 64 * 128 + 128)
