@@ -24,7 +24,7 @@ _TRAIN_FLAGS = {
     "batch_size": ("batch_size", int, "global batch size (divisible by the number of devices)"),
     "eval_batch_size": ("eval_batch_size", int, "evaluation batch size"),
     "learning_rate": ("optim.learning_rate", float, "initial Adam learning rate"),
-    "arch": ("model.arch", str, "model: capsnet (default) or cnn (the paper's baseline CNN)"),
+    "arch": ("model.arch", str, "model: capsnet (default), cnn (the paper's baseline CNN) or efficient_capsnet"),
     "seed": ("seed", int, "random seed (initialisation, data order, augmentation)"),
     "routing_iterations": ("model.routing_iterations", int, "routing-by-agreement iterations"),
     "train_examples": ("train_examples", int, "train on the first N training examples only"),

@@ -2,14 +2,16 @@
 
 ``ModelConfig.arch`` names the model; :data:`MODELS` maps each name to its builder and :func:`build_model` is the one
 place a model is built (the train state, evaluation, figures, notebook and benchmarks all go through it). To add an
-architecture: write its module (an ``nnx.Module`` keeping the contract below), add ``name: Class`` to
+architecture: write its module (an ``nnx.Module`` keeping the contract below), add ``name: builder`` to
 :data:`MODELS` and the name to :data:`capsjax.config.ARCHS` (a test keeps the two equal), and list the
 ``ModelConfig`` fields only it reads in :data:`capsjax.config.ARCH_FIELDS`.
 
 The contract (what :mod:`capsjax.steps` and :mod:`capsjax.evaluate` call; nothing else is assumed):
 
-- ``Model(config: ModelConfig, *, rngs: nnx.Rngs)`` builds it; its state is its parameters only (``nnx.Param``), so
-  ``nnx.split`` gives the pytree that is trained and checkpointed.
+- ``Model(config: ModelConfig, *, rngs: nnx.Rngs)`` builds it; its state is its parameters (``nnx.Param``) and,
+  optionally, running statistics (``nnx.BatchStat``, e.g. Batch Normalization's) that a training call updates and
+  an evaluation call reads; ``nnx.split`` gives the pytree that is checkpointed. The train step differentiates the
+  whole state (statistics get zero gradients) and then takes the statistics the forward pass left in the model.
 - ``model(images, targets=None, *, key=None) -> output``: ``images`` float32 ``[B, H, W, C]`` in ``[0, 1]`` (the
   steps convert uint8 and augment first); ``targets`` as below, given in training (CapsNet masks its decoder with
   them) and None at evaluation and prediction; ``key`` a PRNG key in training only, for dropout or other
@@ -35,13 +37,14 @@ from capsjax import ops
 from capsjax.baseline import BaselineCNN
 from capsjax.config import LossConfig, ModelConfig
 from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules
+from capsjax.routing_layers import CapsuleLayer, PrimaryMatrixCapsules
 
 
 class CapsNetOutput(NamedTuple):
     """What :class:`CapsNet` returns."""
 
     capsules: jax.Array  # [B, num_classes, class_dim]
-    lengths: jax.Array  # [B, num_classes], the class probabilities
+    lengths: jax.Array  # [B, num_classes], the class probabilities (the routing's activations, see ModelConfig.routing)
     reconstructions: jax.Array | None  # [B, H, W, C] in [0, 1], None without decoder
 
 
@@ -49,7 +52,12 @@ class CapsNet(nnx.Module):
     """The three-layer CapsNet with its reconstruction decoder.
 
     Call with images ``[B, H, W, C]`` (float in ``[0, 1]``) and, in training, the integer labels ``[B]``: the decoder
-    then reconstructs from the labelled capsule; without labels it uses the longest capsule (the prediction).
+    then reconstructs from the labelled capsule; without labels it uses the predicted one (the longest capsule).
+
+    ``config.routing`` chooses the class capsules' routing (:mod:`capsjax.routing`); every other layer stays the
+    paper's, except that with ``"em"`` the primary capsules are pose matrices with activations
+    (:class:`capsjax.routing_layers.PrimaryMatrixCapsules`). The class scores (``lengths``) are then the routing's
+    activations (:mod:`capsjax.routing_layers`) and the prediction is the highest score.
     """
 
     def __init__(self, config: ModelConfig = ModelConfig(), *, rngs: nnx.Rngs):
@@ -59,28 +67,50 @@ class CapsNet(nnx.Module):
         self.conv1 = Conv2D(
             channels, config.conv1_channels, config.conv1_kernel, kernels=config.kernels, precision=precision, rngs=rngs
         )
-        self.primary = PrimaryCapsules(
-            config.conv1_channels,
-            config.primary_maps,
-            config.primary_dim,
-            config.primary_kernel,
-            config.primary_stride,
-            kernels=config.kernels,
-            precision=precision,
-            rngs=rngs,
-        )
-        self.classes = RoutingCapsules(
-            config.num_primary_capsules,
-            config.primary_dim,
-            config.num_classes,
-            config.class_dim,
-            num_iterations=config.routing_iterations,
-            stop_gradient=config.routing_stop_gradient,
-            use_bias=config.routing_bias,
-            init_std=config.routing_init_std,
-            kernels=config.kernels,
-            rngs=rngs,
-        )
+        if config.routing == "dynamic":  # the paper's model: parameters and CPU path unchanged by the routing switch
+            self.primary = PrimaryCapsules(
+                config.conv1_channels,
+                config.primary_maps,
+                config.primary_dim,
+                config.primary_kernel,
+                config.primary_stride,
+                kernels=config.kernels,
+                precision=precision,
+                rngs=rngs,
+            )
+            self.classes = RoutingCapsules(
+                config.num_primary_capsules,
+                config.primary_dim,
+                config.num_classes,
+                config.class_dim,
+                num_iterations=config.routing_iterations,
+                stop_gradient=config.routing_stop_gradient,
+                use_bias=config.routing_bias,
+                init_std=config.routing_init_std,
+                kernels=config.kernels,
+                rngs=rngs,
+            )
+        else:
+            primary_args = (config.conv1_channels, config.primary_maps)
+            conv_args = dict(
+                kernel_size=config.primary_kernel, stride=config.primary_stride, kernels=config.kernels, precision=precision
+            )
+            in_dim = config.class_dim if config.routing == "em" else config.primary_dim
+            if config.routing == "em":
+                self.primary = PrimaryMatrixCapsules(*primary_args, config.class_dim, **conv_args, rngs=rngs)
+            else:
+                self.primary = PrimaryCapsules(*primary_args, config.primary_dim, **conv_args, rngs=rngs)
+            self.classes = CapsuleLayer(
+                config.num_primary_capsules,
+                in_dim,
+                config.num_classes,
+                config.class_dim,
+                routing=config.routing,
+                num_iterations=config.routing_iterations,
+                init_std=config.routing_init_std,
+                kernels=config.kernels,
+                rngs=rngs,
+            )
         self.decoder = (
             Decoder(
                 config.num_classes * config.class_dim,
@@ -93,23 +123,37 @@ class CapsNet(nnx.Module):
             else None
         )
 
-    def encode(self, images: jax.Array) -> jax.Array:
-        """Images ``[B, H, W, C]`` -> class capsules ``[B, num_classes, class_dim]``."""
+    def _check_images(self, images: jax.Array) -> None:
         expected = tuple(self.config.image_shape)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"CapsNet expects images [batch, {', '.join(map(str, expected))}], got {images.shape}")
+
+    def _route(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Images -> class capsules ``[B, num_classes, class_dim]`` and class scores ``[B, num_classes]``."""
+        self._check_images(images)
         x = jax.nn.relu(self.conv1(images.astype(jnp.float32)))
-        return self.classes(self.primary(x))
+        if self.config.routing == "dynamic":
+            capsules = self.classes(self.primary(x))
+            return capsules, ops.safe_norm(capsules, axis=-1)
+        primary = self.primary(x)
+        out = self.classes(*primary) if self.config.routing == "em" else self.classes(primary)
+        capsules = out.poses.reshape(*out.poses.shape[:2], -1)  # EM's p x p poses flattened
+        return capsules, out.activations
+
+    def encode(self, images: jax.Array) -> jax.Array:
+        """Images ``[B, H, W, C]`` -> class capsules ``[B, num_classes, class_dim]``."""
+        return self._route(images)[0]
 
     def __call__(
         self, images: jax.Array, labels: jax.Array | None = None, *, key: jax.Array | None = None
     ) -> CapsNetOutput:
-        """``labels`` (class ids [B] or k-hot [B, K]) mask the decoder; without them the longest capsule does.
-        ``key`` is accepted for the model contract and not used (the CapsNet has no randomness)."""
-        capsules = self.encode(images)
-        lengths = ops.safe_norm(capsules, axis=-1)
+        """``labels`` (class ids [B] or k-hot [B, K]) mask the decoder; without them the predicted capsule does (the
+        longest, or the highest score). ``key`` is accepted for the model contract and not used (no randomness)."""
+        capsules, lengths = self._route(images)
         reconstructions = None
         if self.decoder is not None:
+            if labels is None and self.config.routing != "dynamic":
+                labels = jnp.argmax(lengths, axis=-1)  # the predicted class (for dynamic routing, the longest capsule)
             reconstructions = self.decoder(ops.mask_capsules(capsules, labels))
         return CapsNetOutput(capsules, lengths, reconstructions)
 
@@ -132,9 +176,16 @@ class CapsNet(nnx.Module):
         return output.lengths
 
 
+def _efficient_capsnet(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    from capsjax.efficient_capsnet import EfficientCapsNet  # imports this module (CapsNetOutput)
+
+    return EfficientCapsNet(config, rngs=rngs)
+
+
 MODELS: dict[str, Callable[..., nnx.Module]] = {
     "capsnet": CapsNet,
     "cnn": BaselineCNN,
+    "efficient_capsnet": _efficient_capsnet,
 }
 """``ModelConfig.arch`` -> the model's builder, called as ``builder(config, rngs=rngs)``."""
 

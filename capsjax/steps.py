@@ -45,14 +45,15 @@ class TrainState(struct.PyTreeNode):
 
 def make_schedule(config: OptimConfig) -> optax.Schedule:
     """The learning rate by step (:class:`~capsjax.config.OptimConfig`): exponential decay, or a linear warm-up and a
-    cosine decay to 0. The optimizer follows it and the train step logs it."""
+    cosine decay, never below ``min_learning_rate``. The optimizer follows it and the train step logs it."""
     if config.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0, config.learning_rate, config.warmup_steps, config.decay_steps, end_value=0.0
+            0.0, config.learning_rate, config.warmup_steps, config.decay_steps, end_value=config.min_learning_rate
         )
     return optax.exponential_decay(
-        config.learning_rate, config.decay_steps, config.decay_rate, staircase=config.staircase
-    )
+        config.learning_rate, config.decay_steps, config.decay_rate, staircase=config.staircase,
+        end_value=config.min_learning_rate or None,
+    )  # fmt: skip
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
@@ -166,7 +167,7 @@ def make_steps(
     def loss_fn(params, images, labels, key):
         model = nnx.merge(graphdef, params)
         metrics = compute_losses(model, model(images, labels, key=key), images, labels, loss_config)
-        return metrics["loss"], metrics
+        return metrics["loss"], (metrics, nnx.state(model, nnx.BatchStat))  # running statistics the call updated
 
     def train_step(state: TrainState, images, labels):
         images = to_unit_float(images)
@@ -174,10 +175,11 @@ def make_steps(
         if augment is not None:
             images = augment(step_key, images)
         model_key = jax.random.fold_in(step_key, _MODEL_KEY)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, images, labels, model_key)
+        grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params, images, labels, model_key)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 count with float32 moments
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        # Batch statistics get zero gradients (so zero Adam updates) and take the values the forward pass computed.
+        params = nnx.merge_state(optax.apply_updates(state.params, updates), batch_stats)
         metrics["learning_rate"] = schedule(state.step)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

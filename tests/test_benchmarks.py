@@ -16,6 +16,7 @@ pytestmark = pytest.mark.slow  # the benchmark scripts compile and run the full 
 def run_script(name: str, *args: str) -> dict:
     # One CPU device, as a user's machine has: without the simulated devices of conftest.py.
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # this checkout's capsjax
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / name), *args],
         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
@@ -40,3 +41,13 @@ def test_memory_reports_scratch_growing_with_the_batch():
     # Per image at least the routing predictions (1152 x 10 x 16 floats, 0.70 MiB), and less than those plus one
     # copy of W (which a tiled W would add on top of everything else).
     assert 0.7 < out["scratch_mib_per_image"] < 0.7 + out["tiled_W_would_add_mib_per_image"], out
+
+
+def test_routing_compare_reports_each_algorithm():
+    out = run_script("routing_compare.py", "--preset", "smoke", "--set", "model.class_dim=4", "--routings",
+                     "dynamic,em", "--batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "0")  # fmt: skip
+    assert [r["routing"] for r in out["routings"]] == ["dynamic", "em"]
+    for record in out["routings"]:
+        for key in ("params", "train_step_s", "scratch_mib", "peak_rss_mib"):
+            assert record[key] > 0, (key, record)
+    assert out["routings"][0]["params"] != out["routings"][1]["params"]  # EM's primary capsules and 2x2 W differ

@@ -140,7 +140,7 @@ def test_config_overrides_and_round_trip(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset"):
         get_config("paper")
     with pytest.raises(ConfigError, match="unknown config field"):
-        replace_path(config, "model.routing", "2")
+        replace_path(config, "model.routings", "2")
     with pytest.raises(ConfigError, match="expected int"):
         replace_path(config, "epochs", "ten")
     with pytest.raises(ConfigError, match="routing_iterations"):
