@@ -1,4 +1,5 @@
-"""Figures: reconstructions, capsule pose perturbations (Fig. 4 of the paper), training curves, confusion matrices.
+"""Figures: reconstructions, capsule pose perturbations (Fig. 4 of the paper), MultiMNIST reconstructions (Fig. 5),
+training curves, confusion matrices.
 
 Everything here works on NumPy arrays (JAX arrays are converted) and plain callables, and writes PNG files through
 :class:`matplotlib.figure.Figure` objects with the Agg canvas, so no global pyplot state and no display are involved.
@@ -23,6 +24,8 @@ __all__ = [
     "read_metrics",
     "plot_training_curves",
     "plot_confusion_matrix",
+    "overlay_pair",
+    "plot_multidigit",
 ]
 
 DEFAULT_DELTAS = np.linspace(-0.25, 0.25, 11)
@@ -240,4 +243,53 @@ def plot_confusion_matrix(confusion: Any, path: str | Path, class_names: Sequenc
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (recall)")
     ax.set_title(f"accuracy {100 * np.trace(confusion) / max(confusion.sum(), 1):.2f}%")
+    return _save(fig, path)
+
+
+def overlay_pair(first: Any, second: Any) -> np.ndarray:
+    """Two gray images [N, H, W(, 1)] (uint8 or float in [0, 1]) -> RGB [N, H, W, 3]: ``first`` in red, ``second``
+    in green (yellow where they overlap), as the paper's Fig. 5 draws the two reconstructions."""
+    red, green = _as_display(first), _as_display(second)
+    if red.shape != green.shape or red.ndim != 3:
+        raise ValueError(f"overlay_pair takes two gray batches of one shape, got {red.shape} and {green.shape}")
+    return np.stack([red, green, np.zeros_like(red)], axis=-1)
+
+
+def plot_multidigit(groups: Sequence[dict[str, Any]], path: str | Path, max_images: int = 8) -> Path:
+    """MultiMNIST reconstructions like the paper's Fig. 5: per group, a row of inputs titled ``L:(a,b)`` with the true
+    classes, and below it the two reconstructions overlaid (:func:`overlay_pair`: the first class in red, the second
+    in green) titled ``R:(c,d)`` with the reconstructed classes (in red when they are not the true set).
+
+    Args:
+      groups: dicts with ``title`` (e.g. "correct", "wrong", "probe"), ``images`` [n, H, W, C], ``reconstructions``
+        [n, 2, H, W, C], ``labels`` int [n, 2] (true classes) and ``shown`` int [n, 2] (the classes reconstructed);
+        ``prefix`` (default "R") names the bottom titles, e.g. "P" for a probe. Empty groups are skipped.
+      path: the PNG file to write.
+      max_images: columns drawn per group at most.
+    """
+    groups = [g for g in groups if len(g["images"])]
+    if not groups:
+        raise ValueError("plot_multidigit needs at least one non-empty group")
+    n = min(max_images, max(len(g["images"]) for g in groups))
+    fig = _figure(1.15 * n + 0.6, 2.5 * len(groups))
+    axes = fig.subplots(2 * len(groups), n, squeeze=False)
+    for row, group in enumerate(groups):
+        top, bottom = axes[2 * row], axes[2 * row + 1]
+        recon = np.asarray(group["reconstructions"])
+        images = _as_display(group["images"])
+        overlays = overlay_pair(recon[:, 0], recon[:, 1])
+        for i in range(n):
+            if i >= len(images):
+                top[i].axis("off"), bottom[i].axis("off")
+                continue
+            labels, shown = [int(c) for c in group["labels"][i]], [int(c) for c in group["shown"][i]]
+            _show(top[i], images[i])
+            top[i].set_title("L:({},{})".format(*labels), fontsize=8)
+            _show(bottom[i], overlays[i])
+            prefix = group.get("prefix", "R")
+            right = prefix != "R" or sorted(shown) == sorted(labels)  # a probe reconstructs an absent class on purpose
+            bottom[i].set_title("{}:({},{})".format(prefix, *shown), fontsize=8, color="black" if right else "red")
+        top[0].set_ylabel(group["title"], fontsize=9)
+    fig.suptitle("input (L: true classes) above; reconstructions of the first class in red, the second in green",
+                 fontsize=8)  # fmt: skip
     return _save(fig, path)

@@ -24,7 +24,7 @@ targets) and ``labels`` float32 ``[B, num_classes]`` (two-hot).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -106,9 +106,14 @@ def _check(images, labels, canvas, max_shift, merge, num_classes) -> np.ndarray:
     return labels
 
 
-def _base_shifts(seed: int, n: int, max_shift: int) -> np.ndarray:
+def _seed(seed, *tags: int) -> list[int]:
+    """A generator seed from ``seed`` (an int, or a sequence of ints) followed by ``tags``."""
+    return [int(s) for s in np.atleast_1d(np.asarray(seed, np.int64))] + list(tags)
+
+
+def _base_shifts(seed, n: int, max_shift: int) -> np.ndarray:
     """One ``(dy, dx)`` per base digit, ``int [n, 2]``: a function of ``seed`` and the digit's index only."""
-    return np.random.default_rng([seed, _MULTI_TAG, _BASE_SHIFT_TAG]).integers(-max_shift, max_shift + 1, (n, 2))
+    return np.random.default_rng(_seed(seed, _MULTI_TAG, _BASE_SHIFT_TAG)).integers(-max_shift, max_shift + 1, (n, 2))
 
 
 def _compose(images, labels, pair, shifts, canvas, merge, num_classes) -> dict[str, np.ndarray]:
@@ -183,7 +188,7 @@ def multimnist_pairs(
     labels: np.ndarray,
     num_pairs: int,
     *,
-    seed: int,
+    seed: int | Sequence[int],
     canvas: int = 36,
     max_shift: int = 4,
     merge: str = "sum",
@@ -207,9 +212,9 @@ def multimnist_pairs(
         raise ValueError("no digits to make pairs from")
     cycles = -(-num_pairs // n)
     base = np.concatenate(
-        [np.random.default_rng([seed, _FIXED_SET_TAG, c]).permutation(n) for c in range(cycles)]
+        [np.random.default_rng(_seed(seed, _FIXED_SET_TAG, c)).permutation(n) for c in range(cycles)]
     )[:num_pairs]
-    rng = np.random.default_rng([seed, _FIXED_SET_TAG])
+    rng = np.random.default_rng(_seed(seed, _FIXED_SET_TAG))
     partner = _Partners(labels, num_classes).draw(rng, labels[base])
     shifts = rng.integers(-max_shift, max_shift + 1, (num_pairs, 2, 2))
     if per_base_shift:
