@@ -56,7 +56,8 @@ def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
     field, ``--set FIELD=VALUE``, ``--quiet``, the multi-process flags, ``--print-config``, ``--verbose``,
     ``--version``."""
     parser = _Parser(prog=prog, description="Train a CapsNet (Sabour et al. 2017). Rerun on the same --workdir to resume.")
-    parser.add_argument("--preset", default="default", help="default (the paper), tutorial, smoke, fashion_mnist, accelerator")
+    parser.add_argument("--preset", default="default",
+                        help="default (the paper), tutorial, smoke, fashion_mnist, accelerator, multimnist")  # fmt: skip
     parser.add_argument("--workdir", default=None, help="run directory (default: runs/<preset>)")
     for flag, (_, kind, help_) in _TRAIN_FLAGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None, help=help_)
@@ -183,7 +184,8 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
     """The ``capsjax-eval`` / ``eval.py`` argument parser."""
     parser = _Parser(prog=prog, description="Evaluate a trained CapsNet and draw its reconstructions.")
     parser.add_argument("--workdir", required=True, help="the training run's directory")
-    parser.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
+    parser.add_argument("--split", default="test",
+                        help="dataset split to evaluate (default: test; MultiMNIST: test or validation pairs)")  # fmt: skip
     parser.add_argument("--data-dir", default=None, help="directory of IDX files (default: the run's)")
     parser.add_argument("--checkpoint", default="best", metavar="best|latest|STEP",
                         help="which checkpoint: the best validated one (default; the latest before the first epoch "
@@ -222,11 +224,19 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
         return _fail(prog, str(err), 2)
     except CheckpointError as err:
         return _fail(prog, str(err), 1)
-    print(
-        f"{metrics['dataset']} {metrics['split']}: accuracy {100 * metrics['accuracy']:.2f}% "
-        f"(error {100 * metrics['error_rate']:.2f}%), loss {metrics['loss']:.4f}, {metrics['count']} examples, "
-        f"{metrics['checkpoint']} checkpoint at step {metrics['step']}"
-    )
+    if "almost_accuracy" in metrics:  # k objects per image (MultiMNIST): scored as a set
+        print(
+            f"{metrics['dataset']} {metrics['split']}: exact-set accuracy {100 * metrics['accuracy']:.2f}% "
+            f"(error {100 * metrics['error_rate']:.2f}%), almost-correct {100 * metrics['almost_accuracy']:.2f}%, "
+            f"loss {metrics['loss']:.4f}, {metrics['count']} images, {metrics['checkpoint']} checkpoint at step "
+            f"{metrics['step']}\nper-digit confusion (each true digit once):"
+        )
+    else:
+        print(
+            f"{metrics['dataset']} {metrics['split']}: accuracy {100 * metrics['accuracy']:.2f}% "
+            f"(error {100 * metrics['error_rate']:.2f}%), loss {metrics['loss']:.4f}, {metrics['count']} examples, "
+            f"{metrics['checkpoint']} checkpoint at step {metrics['step']}"
+        )
     print(format_confusion(metrics["confusion"]))
     for path in metrics.get("figures", []):
         print(f"wrote {path}")

@@ -39,6 +39,26 @@ def exact_and_almost(predicted: jax.Array, classes: jax.Array) -> tuple[jax.Arra
     return hits == classes.shape[-1], hits >= 1
 
 
+def top_k_mask(scores: jax.Array, k: jax.Array) -> jax.Array:
+    """bool ``[..., K]``: the ``k`` (``int [...]``, may differ per example) highest scores, ties to the lower index
+    (the same choice as :func:`top_k_classes`, for a ``k`` known only at run time)."""
+    scores = jnp.asarray(scores)
+    above = scores[..., None, :] > scores[..., :, None]  # [..., i, j]: j beats i
+    index = jnp.arange(scores.shape[-1])
+    tie_before = (scores[..., None, :] == scores[..., :, None]) & (index[None, :] < index[:, None])
+    rank = jnp.sum(above | tie_before, axis=-1)  # [..., K]: how many classes come before i
+    return rank < jnp.asarray(k)[..., None]
+
+
+def khot_exact_and_almost(scores: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`exact_and_almost` for k-hot ``targets`` ``[..., K]`` (k = the number of ones, per example) against
+    the top k of ``scores`` ``[..., K]``."""
+    wanted = jnp.asarray(targets) > 0.5
+    k = jnp.sum(wanted, axis=-1)
+    hits = jnp.sum(top_k_mask(scores, k) & wanted, axis=-1)
+    return hits == k, hits >= 1
+
+
 def pair_confusion(predicted: jax.Array, classes: jax.Array, num_classes: int, weight: jax.Array) -> jax.Array:
     """Per-digit confusion matrix ``int32 [num_classes, num_classes]`` (rows: true digit, columns: predicted digit).
 

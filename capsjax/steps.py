@@ -7,6 +7,7 @@ step, base key), so the steps are plain functions of pytrees that ``jax.jit`` sh
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -15,7 +16,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from capsjax import ops
+from capsjax import ops, scoring
 from capsjax.config import LossConfig, ModelConfig, OptimConfig
 from capsjax.model import CapsNet
 
@@ -76,10 +77,15 @@ def per_example_losses(output, images: jax.Array, labels: jax.Array, config: Los
 
 
 def compute_losses(output, images: jax.Array, labels: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
-    """Batch means of :func:`per_example_losses` and, for int labels, the accuracy (the train step's metrics)."""
+    """Batch means of :func:`per_example_losses` and the accuracy (the train step's metrics): for k-hot labels the
+    exact-set accuracy and the almost-correct rate (:mod:`capsjax.scoring`)."""
     metrics = {name: jnp.mean(term) for name, term in per_example_losses(output, images, labels, config).items()}
     if labels.ndim == 1:
         metrics["accuracy"] = jnp.mean(jnp.argmax(output.lengths, axis=-1) == labels)
+    else:
+        exact, almost = scoring.khot_exact_and_almost(output.lengths, labels)
+        metrics["accuracy"] = jnp.mean(exact.astype(jnp.float32))
+        metrics["almost_accuracy"] = jnp.mean(almost.astype(jnp.float32))
     return metrics
 
 
@@ -89,7 +95,9 @@ class Steps:
 
     ``train(state, images, labels) -> (state, metrics)``, ``evaluate(params, images, labels, mask) -> sums`` and
     ``predict(params, images) -> CapsNetOutput`` take uint8 or float images ``[B, H, W, C]``, int labels ``[B]`` and a
-    0/1 mask ``[B]``, sharded along the mesh's ``data`` axis.
+    0/1 mask ``[B]``, sharded along the mesh's ``data`` axis. For ``num_targets = k > 1`` (MultiMNIST) the labels are
+    k-hot ``[B, K]`` and ``train`` and ``evaluate`` take one more argument, ``digits`` ``[B, k, H, W, C]``: each
+    object alone, in ascending class order, the targets of the k reconstructions.
     """
 
     graphdef: Any
@@ -140,8 +148,9 @@ def make_steps(
     max_shift: int = 0,
     mesh: Mesh | None = None,
     augment: Callable | None = None,
+    num_targets: int = 1,
 ) -> Steps:
-    """Compiles the train, eval and predict steps.
+    """Compiles the train, eval and predict steps (``num_targets``: the model's, see :class:`Steps`).
 
     ``augment(key, images) -> images`` (float images in [0, 1]) runs inside the train step with the per-step key
     ``fold_in(state.key, state.step)``; by default it is the random shift of up to ``max_shift`` pixels.
@@ -154,16 +163,17 @@ def make_steps(
         def augment(key, images):
             return random_shift(key, images, max_shift)
 
-    def loss_fn(params, images, labels):
+    def loss_fn(params, images, labels, recon_targets):
         model = nnx.merge(graphdef, params)
-        metrics = compute_losses(model(images, labels), images, labels, loss_config)
+        metrics = compute_losses(model(images, labels), recon_targets, labels, loss_config)
         return metrics["loss"], metrics
 
-    def train_step(state: TrainState, images, labels):
+    def train_step(state: TrainState, images, labels, digits=None):
         images = to_unit_float(images)
         if augment is not None:
             images = augment(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step), images)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, images, labels)
+        recon_targets = images if digits is None else to_unit_float(digits)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, images, labels, recon_targets)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 count with float32 moments
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -171,20 +181,29 @@ def make_steps(
         metrics["grad_norm"] = optax.tree.norm(grads)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def eval_step(params, images, labels, mask):
-        """Sums over the examples where ``mask`` is 1 (padding has 0), decoding the predicted class: loss terms,
-        correct count, confusion matrix."""
+    def eval_step(params, images, labels, mask, digits=None):
+        """Sums over the examples where ``mask`` is 1 (padding has 0), decoding the predicted class(es): loss terms,
+        correct count (k objects: the exact set; and the almost-correct count), (per-digit) confusion matrix."""
         images = to_unit_float(images)
         model = nnx.merge(graphdef, params)
         out = model(images)
         num_classes = out.lengths.shape[-1]
-        preds = jnp.argmax(out.lengths, axis=-1)
         weight = mask.astype(jnp.float32)
-        terms = per_example_losses(out, images, labels, loss_config)
+        terms = per_example_losses(out, images if digits is None else to_unit_float(digits), labels, loss_config)
         sums = {name: jnp.sum(term * weight) for name, term in terms.items()}
-        sums["correct"] = jnp.sum(jnp.where(preds == labels, weight, 0.0))
         sums["count"] = jnp.sum(weight)
-        sums["confusion"] = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, preds].add(mask.astype(jnp.int32))
+        if num_targets == 1:
+            preds = jnp.argmax(out.lengths, axis=-1)
+            sums["correct"] = jnp.sum(jnp.where(preds == labels, weight, 0.0))
+            table = jnp.zeros((num_classes, num_classes), jnp.int32)
+            sums["confusion"] = table.at[labels, preds].add(mask.astype(jnp.int32))
+            return sums
+        preds = scoring.top_k_classes(out.lengths, num_targets)
+        classes = scoring.top_k_classes(labels, num_targets)  # the k-hot labels' classes
+        exact, almost = scoring.exact_and_almost(preds, classes)
+        sums["correct"] = jnp.sum(jnp.where(exact, weight, 0.0))
+        sums["almost"] = jnp.sum(jnp.where(almost, weight, 0.0))
+        sums["confusion"] = scoring.pair_confusion(preds, classes, num_classes, mask)
         return sums
 
     def predict_step(params, images):
@@ -193,15 +212,18 @@ def make_steps(
 
     data = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
+    digits = (data,) if num_targets > 1 else ()  # the k-object steps take the objects' images too
+    if num_targets == 1:
+        train_step, eval_step = functools.partial(train_step, digits=None), functools.partial(eval_step, digits=None)
     return Steps(
         graphdef=graphdef,
         mesh=mesh,
         train=jax.jit(
             train_step,
-            in_shardings=(replicated, data, data),
+            in_shardings=(replicated, data, data, *digits),
             out_shardings=(replicated, replicated),
             donate_argnums=0,
         ),
-        evaluate=jax.jit(eval_step, in_shardings=(replicated, data, data, data), out_shardings=replicated),
+        evaluate=jax.jit(eval_step, in_shardings=(replicated, data, data, data, *digits), out_shardings=replicated),
         predict=jax.jit(predict_step, in_shardings=(replicated, data), out_shardings=data),
     )

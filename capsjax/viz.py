@@ -257,13 +257,15 @@ def overlay_pair(first: Any, second: Any) -> np.ndarray:
 
 def plot_multidigit(groups: Sequence[dict[str, Any]], path: str | Path, max_images: int = 8) -> Path:
     """MultiMNIST reconstructions like the paper's Fig. 5: per group, a row of inputs titled ``L:(a,b)`` with the true
-    classes, and below it the two reconstructions overlaid (:func:`overlay_pair`: the first class in red, the second
-    in green) titled ``R:(c,d)`` with the reconstructed classes (in red when they are not the true set).
+    classes and below it the two reconstructions overlaid (:func:`overlay_pair`: the first class in red, the second
+    in green), titled ``R:(c,d)`` with the classes reconstructed (in red when an ``R`` pair is not the true set).
 
     Args:
       groups: dicts with ``title`` (e.g. "correct", "wrong", "probe"), ``images`` [n, H, W, C], ``reconstructions``
         [n, 2, H, W, C], ``labels`` int [n, 2] (true classes) and ``shown`` int [n, 2] (the classes reconstructed);
-        ``prefix`` (default "R") names the bottom titles, e.g. "P" for a probe. Empty groups are skipped.
+        optional ``prefix`` of the bottom titles (default "R"; e.g. "P" for reconstructions from the prediction,
+        "R*" for a probe of an absent class) and ``show_input`` (default True; False: only the overlay row, under
+        the previous group's inputs). Empty groups are skipped.
       path: the PNG file to write.
       max_images: columns drawn per group at most.
     """
@@ -271,25 +273,30 @@ def plot_multidigit(groups: Sequence[dict[str, Any]], path: str | Path, max_imag
     if not groups:
         raise ValueError("plot_multidigit needs at least one non-empty group")
     n = min(max_images, max(len(g["images"]) for g in groups))
-    fig = _figure(1.15 * n + 0.6, 2.5 * len(groups))
-    axes = fig.subplots(2 * len(groups), n, squeeze=False)
-    for row, group in enumerate(groups):
-        top, bottom = axes[2 * row], axes[2 * row + 1]
-        recon = np.asarray(group["reconstructions"])
+    rows = [("input", g) for g in groups if g.get("show_input", True)] + [("overlay", g) for g in groups]
+    rows.sort(key=lambda r: (next(i for i, g in enumerate(groups) if g is r[1]), r[0] == "overlay"))
+    fig = _figure(1.15 * n + 0.6, 1.25 * len(rows))
+    axes = fig.subplots(len(rows), n, squeeze=False)
+    for ax_row, (kind, group) in zip(axes, rows):
         images = _as_display(group["images"])
-        overlays = overlay_pair(recon[:, 0], recon[:, 1])
-        for i in range(n):
+        recon = np.asarray(group["reconstructions"])
+        overlays = overlay_pair(recon[:, 0], recon[:, 1]) if kind == "overlay" else None
+        prefix = group.get("prefix", "R")
+        for i, ax in enumerate(ax_row):
             if i >= len(images):
-                top[i].axis("off"), bottom[i].axis("off")
+                ax.axis("off")
                 continue
             labels, shown = [int(c) for c in group["labels"][i]], [int(c) for c in group["shown"][i]]
-            _show(top[i], images[i])
-            top[i].set_title("L:({},{})".format(*labels), fontsize=8)
-            _show(bottom[i], overlays[i])
-            prefix = group.get("prefix", "R")
-            right = prefix != "R" or sorted(shown) == sorted(labels)  # a probe reconstructs an absent class on purpose
-            bottom[i].set_title("{}:({},{})".format(prefix, *shown), fontsize=8, color="black" if right else "red")
-        top[0].set_ylabel(group["title"], fontsize=9)
-    fig.suptitle("input (L: true classes) above; reconstructions of the first class in red, the second in green",
-                 fontsize=8)  # fmt: skip
+            if kind == "input":
+                _show(ax, images[i])
+                ax.set_title("L:({},{})".format(*labels), fontsize=8)
+                continue
+            _show(ax, overlays[i])
+            wrong = prefix == "R" and sorted(shown) != sorted(labels)
+            ax.set_title("{}:({},{})".format(prefix, *shown), fontsize=8, color="red" if wrong else "black")
+        if kind == "input" or not group.get("show_input", True):
+            ax_row[0].set_ylabel(group["title"] + ("" if kind == "input" else f" ({prefix})"), fontsize=9)
+    fig.suptitle("inputs (L: true classes); below, the two reconstructions: the first class in red, the second in "
+                 "green. R: from the labels, P: from the prediction, R*: a true class and one that is absent",
+                 fontsize=7)  # fmt: skip
     return _save(fig, path)

@@ -26,10 +26,10 @@ binary, SVHN ``.mat``), :mod:`~capsjax.data.tfds`, :mod:`~capsjax.data.synthetic
 from capsjax.data.augment import random_shift, shift_images
 from capsjax.data.errors import DATA_ENV, DataError
 from capsjax.data.formats import read_idx, write_idx
-from capsjax.data.multimnist import multimnist_batches, two_hot
+from capsjax.data.multimnist import multimnist_batches, multimnist_pairs, two_hot
 from capsjax.data.pipeline import batches, local_slice, num_batches, padded_batches, prefetch_to_device
 from capsjax.data.registry import DATASETS, SPLITS, load
-from capsjax.data.splits import Datasets, adapt_model_to_data, load_datasets
+from capsjax.data.splits import Datasets, adapt_model_to_data, load_datasets, load_split, pair_arrays
 from capsjax.data.synthetic import load_synthetic
 
 __all__ = [
@@ -41,6 +41,8 @@ __all__ = [
     "load_synthetic",
     "Datasets",
     "load_datasets",
+    "load_split",
+    "pair_arrays",
     "adapt_model_to_data",
     "read_idx",
     "write_idx",
@@ -52,5 +54,6 @@ __all__ = [
     "shift_images",
     "random_shift",
     "multimnist_batches",
+    "multimnist_pairs",
     "two_hot",
 ]

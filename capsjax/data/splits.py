@@ -115,3 +115,15 @@ def adapt_model_to_data(config: TrainConfig, datasets: Datasets) -> TrainConfig:
     except ValueError as err:
         raise ConfigError(f"the model does not fit {config.dataset} images of shape {shape}: {err}") from None
     return dataclasses.replace(config, model=model)
+
+
+def load_split(config: TrainConfig, split: str) -> tuple[np.ndarray, ...]:
+    """One split of a run's data for evaluation: ``load(dataset, split)`` (``"train"`` or ``"test"``), or for
+    MultiMNIST the fixed ``"test"`` or ``"validation"`` pairs as :func:`load_datasets` makes them
+    (``(images, labels, digits)``)."""
+    if config.dataset != "multimnist":
+        return load(config.dataset, split, config.data_dir)
+    if split not in ("test", "validation"):
+        raise ConfigError(f"MultiMNIST evaluates on its fixed 'test' or 'validation' pairs, not {split!r}")
+    datasets = load_datasets(config)
+    return datasets.test if split == "test" else datasets.validation
