@@ -45,7 +45,8 @@ def top_k_mask(scores: jax.Array, k: jax.Array) -> jax.Array:
     scores = jnp.asarray(scores)
     above = scores[..., None, :] > scores[..., :, None]  # [..., i, j]: j beats i
     index = jnp.arange(scores.shape[-1])
-    tie_before = (scores[..., None, :] == scores[..., :, None]) & (index[None, :] < index[:, None])
+    before = jnp.broadcast_to(index[None, :] < index[:, None], above.shape)  # j has the lower index
+    tie_before = (scores[..., None, :] == scores[..., :, None]) & before
     rank = jnp.sum(above | tie_before, axis=-1)  # [..., K]: how many classes come before i
     return rank < jnp.asarray(k)[..., None]
 

@@ -152,6 +152,9 @@ def test_fixed_set_is_identical_across_calls_and_process_splits():
         np.testing.assert_array_equal(a[key], b[key])
     assert len(a["images"]) == 500 and (a["classes"][:, 0] != a["classes"][:, 1]).all()
     assert not np.array_equal(multimnist_pairs(images, labels, 500, seed=8)["images"], a["images"])
+    smaller = multimnist_pairs(images, labels, 120, seed=7)  # a smaller set is the start of a larger one
+    for key in a:
+        np.testing.assert_array_equal(smaller[key], a[key][:120])
     # the first bases run through every digit once
     first_bases = {_where(c)[0] for c in multimnist_pairs(*_marked(30), 30, seed=1)["digits"][:, 0]}
     assert first_bases == set(range(1, 31))
@@ -174,7 +177,7 @@ def test_the_mnist_test_set_is_pinned(mnist_dir):
     digest = hashlib.sha256()
     for key in ("images", "classes", "digits"):
         digest.update(np.ascontiguousarray(pairs[key]).tobytes())
-    assert digest.hexdigest() == "0672b6fb36ce90975a43e4b814e0eaf2c09912822f565090a708806c92a68c83"
+    assert digest.hexdigest() == "78cbc1a5a97ada7a043d3895953a234097252f2407582979bab02ab2734b0f73"
 
 
 def test_generation_rejects_bad_input():
@@ -235,3 +238,214 @@ def test_pair_confusion_counts_each_true_digit_once():
     np.testing.assert_array_equal(table.sum(1), [1, 3, 1, 1, 1, 1])  # each true digit counted once
     one = np.asarray(scoring.pair_confusion(np.array([[2], [0]]), np.array([[2], [1]]), 3, np.array([1, 1])))
     np.testing.assert_array_equal(one, [[0, 0, 0], [1, 0, 0], [0, 0, 1]])  # k = 1: the usual confusion matrix
+
+
+def test_top_k_mask_and_khot_scoring_agree_with_top_k():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, (200, 6)).astype(np.float32)  # many ties
+    classes = np.stack([rng.choice(6, 2, replace=False) for _ in range(200)])
+    targets = datalib.two_hot(classes, 6)
+    chosen = np.asarray(scoring.top_k_mask(scores, np.full(200, 2)))
+    top = np.asarray(scoring.top_k_classes(scores, 2))
+    np.testing.assert_array_equal(chosen, np.eye(6, dtype=bool)[top].any(axis=1))
+    exact, almost = map(np.asarray, scoring.khot_exact_and_almost(scores, targets))
+    exact_ref, almost_ref = map(np.asarray, scoring.exact_and_almost(top, classes))
+    np.testing.assert_array_equal(exact, exact_ref)
+    np.testing.assert_array_equal(almost, almost_ref)
+    assert 0 < exact.sum() < almost.sum() < 200
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model and the loss with two targets
+# ---------------------------------------------------------------------------------------------------------------------
+
+TINY2 = dict(
+    image_shape=(36, 36, 1), num_targets=2, conv1_channels=8, primary_maps=4, primary_dim=4, class_dim=8,
+    decoder_hidden=(16, 32),
+)  # fmt: skip
+
+
+def _pairs(n=6, seed=0):
+    images, labels = datalib.load_synthetic(60, seed=seed)
+    return datalib.pair_arrays(multimnist_pairs(images, labels, n, seed=seed))  # images, two-hot labels, digits
+
+
+def test_two_reconstruction_loss_against_numpy():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from capsjax.config import LossConfig, ModelConfig
+    from capsjax.model import CapsNet
+    from capsjax.steps import per_example_losses
+
+    model = CapsNet(ModelConfig(**TINY2, kernels="textbook"), rngs=nnx.Rngs(0))
+    call, decode = nnx.jit(lambda m, *a: m(*a)), nnx.jit(lambda m, c: m.decoder(c))
+    images, labels, digits = _pairs()
+    x, d = jnp.asarray(images / 255.0, jnp.float32), digits.astype(np.float64) / 255.0
+    out = call(model, x, jnp.asarray(labels))
+    assert out.reconstructions.shape == (6, 2, 36, 36, 1)
+    terms = jax_to_np(per_example_losses(out, jnp.asarray(d, jnp.float32), jnp.asarray(labels), LossConfig()))
+
+    lengths, capsules = np.asarray(out.lengths, np.float64), np.asarray(out.capsules)
+    margin = np.sum(
+        labels * np.maximum(0, 0.9 - lengths) ** 2 + 0.5 * (1 - labels) * np.maximum(0, lengths - 0.1) ** 2, axis=1
+    )
+    classes = np.sort(np.argsort(-labels, axis=1, kind="stable")[:, :2], axis=1)  # ascending, as the digits
+    sse = np.zeros(6)
+    for j in range(2):
+        keep = (np.arange(10) == classes[:, j : j + 1])[..., None]  # mask by one true label
+        recon = np.asarray(decode(model, jnp.asarray(capsules * keep)), np.float64)
+        np.testing.assert_allclose(np.asarray(out.reconstructions[:, j]), recon, atol=1e-6)
+        sse += np.sum((recon - d[:, j]) ** 2, axis=(1, 2, 3))  # each against its own digit
+    np.testing.assert_allclose(terms["margin_loss"], margin, rtol=1e-5)
+    np.testing.assert_allclose(terms["recon_loss"], sse, rtol=1e-4)
+    np.testing.assert_allclose(terms["loss"], margin + 0.0005 * sse, rtol=1e-5)
+    # at inference the two longest capsules choose the reconstructions, in ascending class order
+    inferred = call(model, x)
+    top = np.sort(np.argsort(-lengths, axis=1, kind="stable")[:, :2], axis=1)
+    for j in range(2):
+        keep = (np.arange(10) == top[:, j : j + 1])[..., None]
+        recon = np.asarray(decode(model, jnp.asarray(capsules * keep)))
+        np.testing.assert_allclose(np.asarray(inferred.reconstructions[:, j]), recon, atol=1e-6)
+    with pytest.raises(ValueError, match="do not match"):  # the merged image is not a target of two reconstructions
+        per_example_losses(out, x, jnp.asarray(labels), LossConfig())
+
+
+def jax_to_np(tree):
+    return {k: np.asarray(v, np.float64) for k, v in tree.items()}
+
+
+@pytest.mark.slow
+def test_two_target_steps_train_and_score():
+    import jax
+
+    from capsjax.config import ModelConfig, OptimConfig
+    from capsjax.evaluate import evaluate_arrays
+    from capsjax.steps import init_state, make_steps
+
+    graphdef, state = init_state(ModelConfig(**TINY2), OptimConfig(), seed=0)
+    steps = make_steps(graphdef, OptimConfig(), num_targets=2)
+    images, labels, digits = _pairs(8)
+    state, metrics = steps.train(state, images, labels, digits)
+    metrics = jax.device_get(metrics)
+    assert np.isfinite(metrics["loss"]) and 0 <= metrics["accuracy"] <= metrics["almost_accuracy"] <= 1
+    images, labels, digits = _pairs(10, seed=1)  # 10 pairs in batches of 4: the last one padded
+    result = evaluate_arrays(steps, state.params, images, labels, 4, digits=digits)
+    assert result["count"] == 10 and np.asarray(result["confusion"]).sum() == 20  # each true digit once
+    assert 0 <= result["accuracy"] <= result["almost_accuracy"] <= 1
+    assert result["error_rate"] == pytest.approx(1 - result["accuracy"])
+    out = jax.device_get(steps.predict(state.params, images[:8]))
+    predicted = np.asarray(scoring.top_k_classes(out.lengths, 2))
+    exact = np.asarray(scoring.exact_and_almost(predicted, np.asarray(scoring.top_k_classes(labels[:8], 2)))[0])
+    first8 = evaluate_arrays(steps, state.params, images[:8], labels[:8], 4, digits=digits[:8])
+    assert first8["accuracy"] == pytest.approx(exact.mean())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training, resuming and evaluating through the trainer and the CLIs
+# ---------------------------------------------------------------------------------------------------------------------
+
+_TINY_RUN = {  # the multimnist preset on a few real digits with a tiny model: seconds per epoch
+    "train_examples": "128", "validation_examples": "32", "multimnist.validation_pairs": "32",
+    "multimnist.test_pairs": "40", "batch_size": "32", "eval_batch_size": "32", "log_every_steps": "2",
+    "checkpoint_every_steps": "2", "safe_checkpoint_margin": "4", "model.conv1_channels": "8",
+    "model.primary_maps": "4", "model.primary_dim": "4", "model.class_dim": "8", "model.decoder_hidden": "16,32",
+    "tensorboard": "false",
+}  # fmt: skip
+
+
+def test_multimnist_preset_and_config_checks():
+    from capsjax.config import ConfigError, get_config, replace_path
+
+    config = get_config("multimnist")
+    assert config.dataset == "multimnist" and config.model.num_targets == 2 and config.max_shift == 0
+    assert config.model.image_shape == (36, 36, 1) and config.model.num_primary_capsules == 3200  # 10 x 10 x 32
+    assert config.optim.decay_steps == 10 * get_config("default").optim.decay_steps
+    assert (config.multimnist.shift, config.multimnist.merge, config.multimnist.test_pairs) == (4, "sum", 10_000)
+    with pytest.raises(ConfigError, match="max_shift=0"):
+        replace_path(config, "max_shift", "2")
+    with pytest.raises(ConfigError, match="num_targets=2"):
+        replace_path(replace_path(get_config("default"), "max_shift", "0"), "dataset", "multimnist")
+    with pytest.raises(ConfigError, match="merge"):
+        replace_path(config, "multimnist.merge", "mean")
+
+
+def test_multimnist_datasets(mnist_dir):
+    from capsjax.config import get_config, replace_path
+    from capsjax.data.splits import adapt_model_to_data, load_datasets
+
+    config = replace_path(get_config("multimnist"), "data_dir", str(mnist_dir))
+    for key, value in _TINY_RUN.items():
+        config = replace_path(config, key, value)
+    datasets = load_datasets(config)
+    images, labels = datasets.train
+    assert images.shape == (128, 28, 28, 1) and datasets.image_shape == (36, 36, 1)
+    test_images, test_labels, test_digits = datasets.test
+    assert test_images.shape == (40, 36, 36, 1) and test_digits.shape == (40, 2, 36, 36, 1)
+    assert datasets.validation[0].shape == (32, 36, 36, 1) and datasets.validation_name == "validation"
+    # the test pairs are the first 40 of the full 10,000-pair set everyone scores
+    full = datalib.pair_arrays(multimnist_pairs(*datalib.load("mnist", "test", mnist_dir), 10_000, seed=0))
+    np.testing.assert_array_equal(full[0][:40], test_images)
+    # digits in ascending class order: digit j is the image of the j-th class of the two-hot label
+    for merged, two, pair in zip(test_images, test_labels, test_digits):
+        assert np.count_nonzero(two) == 2
+        np.testing.assert_array_equal(merged, np.minimum(pair[0].astype(int) + pair[1], 255))
+    epoch = list(datasets.train_batches(32, seed=0, epoch=3))
+    assert len(epoch) == 4 and all(len(batch) == 3 for batch in epoch)
+    again = list(datasets.train_batches(32, seed=0, epoch=3))
+    np.testing.assert_array_equal(epoch[2][2], again[2][2])
+    assert adapt_model_to_data(config, datasets) == config
+
+
+def _tiny_config(mnist_dir, **overrides):
+    from capsjax.config import get_config, replace_path
+
+    config = replace_path(get_config("multimnist"), "data_dir", str(mnist_dir))
+    for key, value in {**_TINY_RUN, "progress": "false", **overrides}.items():
+        config = replace_path(config, key, value)
+    return config
+
+
+@pytest.mark.slow
+def test_multimnist_resume_continues_exactly(tmp_path, mnist_dir):
+    import jax
+
+    from capsjax.evaluate import load_run
+    from capsjax.train import train_and_evaluate
+
+    config = _tiny_config(mnist_dir, epochs="2")
+    train_and_evaluate(config, tmp_path / "a")  # 4 steps per epoch, 8 in all
+    train_and_evaluate(_tiny_config(mnist_dir, epochs="1"), tmp_path / "b")  # stopped after epoch 1 ...
+    results = train_and_evaluate(config, tmp_path / "b")  # ... and resumed
+    assert results["steps"] == 8 and results["examples_seen"] == 256
+    assert 0 <= results["test_accuracy"] <= results["test_almost_accuracy"] <= 1
+    a, b = (jax.device_get(load_run(tmp_path / r, "latest").params) for r in "ab")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_multimnist_cli_train_then_eval(tmp_path, mnist_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    work = tmp_path / "multi"
+    sets = [arg for key, value in _TINY_RUN.items() for arg in ("--set", f"{key}={value}")]
+    train = [sys.executable, str(root / "train.py"), "--preset", "multimnist", "--data-dir", str(mnist_dir),
+             "--workdir", str(work), "--epochs", "1", "--quiet", *sets]  # fmt: skip
+    result = subprocess.run(train, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "digits as bases of new pairs" in result.stdout
+    evaluate = [sys.executable, str(root / "eval.py"), "--workdir", str(work)]
+    result = subprocess.run(evaluate, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "exact-set accuracy" in result.stdout and "almost-correct" in result.stdout, result.stdout
+    metrics = json.loads((work / "eval_test.json").read_text())
+    assert metrics["dataset"] == "multimnist" and metrics["count"] == 40
+    assert np.asarray(metrics["confusion"]).sum() == 80 and metrics["accuracy"] <= metrics["almost_accuracy"]
+    assert (work / "multimnist.png").stat().st_size > 5000

@@ -198,8 +198,9 @@ def multimnist_pairs(
     """A fixed MultiMNIST set of ``num_pairs`` pairs (e.g. the 10,000-pair test set from the MNIST test split).
 
     The bases run through seeded permutations of the digits (every digit once before any repeats); partners and
-    shifts come from one generator seeded with ``seed``. Nothing depends on the device or process count, so every
-    run, machine and process builds the same arrays; evaluation slices them per process.
+    shifts come from generators seeded with ``seed``, drawn element by element, so the first ``m`` pairs of a set
+    of ``n > m`` are the set of ``m``. Nothing depends on the device or process count: every run, machine and
+    process builds the same arrays, and evaluation slices them per process.
 
     Returns:
       ``{"images", "labels", "classes", "digits"}`` with ``num_pairs`` rows (see the module docstring).
@@ -212,11 +213,12 @@ def multimnist_pairs(
         raise ValueError("no digits to make pairs from")
     cycles = -(-num_pairs // n)
     base = np.concatenate(
-        [np.random.default_rng(_seed(seed, _FIXED_SET_TAG, c)).permutation(n) for c in range(cycles)]
+        [np.random.default_rng(_seed(seed, _FIXED_SET_TAG, 0, c)).permutation(n) for c in range(cycles)]
     )[:num_pairs]
-    rng = np.random.default_rng(_seed(seed, _FIXED_SET_TAG))
-    partner = _Partners(labels, num_classes).draw(rng, labels[base])
-    shifts = rng.integers(-max_shift, max_shift + 1, (num_pairs, 2, 2))
+    # partners and shifts from two streams, element by element: a smaller set is the start of a larger one
+    partner_rng, shift_rng = (np.random.default_rng(_seed(seed, _FIXED_SET_TAG, i)) for i in (1, 2))
+    partner = _Partners(labels, num_classes).draw(partner_rng, labels[base])
+    shifts = shift_rng.integers(-max_shift, max_shift + 1, (num_pairs, 2, 2))
     if per_base_shift:
         shifts[:, 0] = _base_shifts(seed, n, max_shift)[base]
     return _compose(images, labels, np.stack([base, partner], axis=1), shifts, canvas, merge, num_classes)
