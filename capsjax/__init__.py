@@ -2,7 +2,8 @@
 
 The public API: the pure capsule functions (:func:`squash`, :func:`safe_norm`, :func:`capsule_predictions`,
 :func:`dynamic_routing`, :func:`margin_loss`, :func:`reconstruction_loss`, :func:`mask_capsules`), the Flax NNX modules
-(:class:`CapsNet` and its layers, :class:`ModelConfig`), :func:`train_and_evaluate` (``capsjax.train``) and
+(:class:`CapsNet` and its layers, the baseline :class:`BaselineCNN`, :func:`build_model` and the registry
+:data:`MODELS`, :class:`ModelConfig`), :func:`train_and_evaluate` (``capsjax.train``) and
 :func:`predict` (``capsjax.evaluate``), and the submodules ``capsjax.config``, ``capsjax.data``, ``capsjax.evaluate``
 and ``capsjax.viz``. Each is imported on first use, so ``import capsjax`` loads nothing but this file, and
 ``import capsjax.config`` (the settings, a leaf) loads neither JAX nor Flax; JAX and Flax come with the first
@@ -19,7 +20,8 @@ if TYPE_CHECKING:
     from capsjax import config, data, evaluate, fast, layers, model, ops, viz  # noqa: F401
     from capsjax.config import ModelConfig
     from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules
-    from capsjax.model import CapsNet, CapsNetOutput, count_params
+    from capsjax.baseline import BaselineCNN, CNNOutput
+    from capsjax.model import MODELS, CapsNet, CapsNetOutput, build_model, count_params
     from capsjax.ops import capsule_predictions, dynamic_routing, margin_loss, mask_capsules, reconstruction_loss, safe_norm, squash
     from capsjax.evaluate import predict
     from capsjax.train import train_and_evaluate
@@ -31,12 +33,13 @@ _EXPORTS = {
     "capsjax.ops": ("safe_norm", "squash", "capsule_predictions", "dynamic_routing", "margin_loss",
                     "reconstruction_loss", "mask_capsules"),
     "capsjax.layers": ("Conv2D", "PrimaryCapsules", "RoutingCapsules", "Decoder"),
-    "capsjax.model": ("CapsNet", "CapsNetOutput", "count_params"),
+    "capsjax.model": ("CapsNet", "CapsNetOutput", "build_model", "MODELS", "count_params"),
+    "capsjax.baseline": ("BaselineCNN", "CNNOutput"),
     "capsjax.config": ("ModelConfig",),
     "capsjax.train": ("train_and_evaluate",),
     "capsjax.evaluate": ("predict",),
 }  # fmt: skip
-_SUBMODULES = ("ops", "layers", "model", "fast", "config", "data", "evaluate", "viz")
+_SUBMODULES = ("ops", "layers", "model", "baseline", "fast", "config", "data", "evaluate", "viz")
 
 __all__ = [name for names in _EXPORTS.values() for name in names]  # noqa: PLE0605 (built from the table above)
 

@@ -23,6 +23,7 @@ _TRAIN_FLAGS = {
     "batch_size": ("batch_size", int, "global batch size (divisible by the number of devices)"),
     "eval_batch_size": ("eval_batch_size", int, "evaluation batch size"),
     "learning_rate": ("optim.learning_rate", float, "initial Adam learning rate"),
+    "arch": ("model.arch", str, "model: capsnet (default) or cnn (the paper's baseline CNN)"),
     "seed": ("seed", int, "random seed (initialisation, data order, augmentation)"),
     "routing_iterations": ("model.routing_iterations", int, "routing-by-agreement iterations"),
     "train_examples": ("train_examples", int, "train on the first N training examples only"),
@@ -57,7 +58,8 @@ def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
     ``--version``."""
     parser = _Parser(prog=prog, description="Train a CapsNet (Sabour et al. 2017). Rerun on the same --workdir to resume.")
     parser.add_argument("--preset", default="default",
-                        help="default (the paper), tutorial, smoke, fashion_mnist, accelerator, multimnist")  # fmt: skip
+                        help="default (the paper), baseline (its CNN), tutorial, smoke, fashion_mnist, accelerator, "
+                        "multimnist")  # fmt: skip
     parser.add_argument("--workdir", default=None, help="run directory (default: runs/<preset>)")
     for flag, (_, kind, help_) in _TRAIN_FLAGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None, help=help_)
@@ -237,7 +239,8 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
             f"(error {100 * metrics['error_rate']:.2f}%), loss {metrics['loss']:.4f}, {metrics['count']} examples, "
             f"{metrics['checkpoint']} checkpoint at step {metrics['step']}"
         )
-    print(format_confusion(metrics["confusion"]))
+    if "confusion" in metrics:
+        print(format_confusion(metrics["confusion"]))
     for path in metrics.get("figures", []):
         print(f"wrote {path}")
     return 0

@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+ARCHS = ("capsnet", "cnn")  # ModelConfig.arch: the models of capsjax.model.MODELS (kept equal by a test)
 KERNELS = ("auto", "fast", "textbook")  # ModelConfig.kernels; "auto": "fast" on the CPU backend (capsjax.layers)
 CONV_DTYPES = ("bfloat16", "float16", "float32")  # ModelConfig.conv_dtype
 
@@ -34,10 +35,20 @@ def conv_output_size(size: int, kernel: int, stride: int) -> int:
     return (size - kernel) // stride + 1
 
 
+# The ModelConfig fields that only one architecture reads, by name prefix (a field matching none of them is shared).
+# A resumed run ignores changes to the fields its architecture does not read (capsjax.workdir.check_resume).
+ARCH_FIELDS = {
+    "capsnet": ("conv1_", "primary_", "class_dim", "routing_", "decoder_hidden", "use_decoder"),
+    "cnn": ("cnn_",),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Every size of the network. The defaults are the paper's MNIST model (8,215,568 parameters)."""
+    """Every size of the networks. ``arch`` chooses the model (:data:`ARCHS`); the defaults are the paper's MNIST
+    CapsNet (8,215,568 parameters), and ``arch="cnn"`` its baseline CNN (35,445,522 parameters on MNIST)."""
 
+    arch: str = "capsnet"  # "capsnet" | "cnn" (the paper's baseline): a key of capsjax.model.MODELS
     image_shape: tuple[int, int, int] = (28, 28, 1)  # H, W, C
     num_classes: int = 10
     num_targets: int = 1  # objects per image: 2 for MultiMNIST (k-hot targets, k reconstructions, top-k prediction)
@@ -55,9 +66,16 @@ class ModelConfig:
     decoder_hidden: tuple[int, ...] = (512, 1024)
     use_decoder: bool = True
     kernels: str = "auto"  # "auto" | "fast" | "textbook": capsjax.fast or capsjax.ops (see capsjax.layers)
-    conv_dtype: str = "float32"  # compute dtype of the two convolutions ("bfloat16" on accelerators); routing stays fp32
+    conv_dtype: str = "float32"  # compute dtype of the convolutions ("bfloat16" on accelerators); routing stays fp32
+    # the baseline CNN (arch="cnn"): SAME convolutions with ReLU, fully connected ReLU layers, dropout, linear output
+    cnn_channels: tuple[int, ...] = (256, 256, 128)
+    cnn_kernel: int = 5
+    cnn_hidden: tuple[int, ...] = (328, 192)
+    cnn_dropout: float = 0.5  # drop rate before the output layer, in training only
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {list(ARCHS)}, got {self.arch!r}")
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (height, width, channels), got {self.image_shape}")
         if self.routing_iterations < 1:
@@ -67,7 +85,21 @@ class ModelConfig:
         if self.conv_dtype not in CONV_DTYPES:
             raise ValueError(f"conv_dtype must be one of {list(CONV_DTYPES)}, got {self.conv_dtype!r}")
         check_kernels(self.kernels)  # "auto" is resolved in the layers: here it would start JAX's backend
-        self.primary_grid  # raises if the convolution kernels do not fit the image
+        if self.arch == "capsnet":
+            self.primary_grid  # raises if the convolution kernels do not fit the image
+        if not self.cnn_channels or min(self.cnn_channels) < 1 or self.cnn_kernel < 1 or min(self.cnn_hidden, default=1) < 1:
+            raise ValueError("cnn_channels (at least one), cnn_kernel and cnn_hidden must be positive")
+        if not 0.0 <= self.cnn_dropout < 1.0:
+            raise ValueError(f"cnn_dropout must lie in [0, 1), got {self.cnn_dropout}")
+
+    @property
+    def unused_fields(self) -> tuple[str, ...]:
+        """The fields that ``arch`` does not read (those :data:`ARCH_FIELDS` gives to the other architectures)."""
+        own = ARCH_FIELDS.get(self.arch, ())
+        others = tuple(p for arch, prefixes in ARCH_FIELDS.items() if arch != self.arch for p in prefixes)
+        return tuple(
+            f.name for f in dataclasses.fields(self) if f.name.startswith(others) and not f.name.startswith(own)
+        )
 
     @property
     def primary_grid(self) -> tuple[int, int]:
@@ -232,6 +264,11 @@ def _accelerator() -> TrainConfig:
     )
 
 
+def _baseline() -> TrainConfig:
+    """The paper's baseline CNN (``model.arch="cnn"``) with the default's optimizer, schedule and +-2 px shifts."""
+    return dataclasses.replace(_default(), model=ModelConfig(arch="cnn"))
+
+
 def _multimnist() -> TrainConfig:
     """The paper's MultiMNIST experiment (section 6): the CapsNet on 36 x 36 pairs of digits (3,200 primary capsules),
     two-hot targets and two reconstructions, pairs made on the fly (no other shift), the learning-rate decay period
@@ -247,6 +284,7 @@ def _multimnist() -> TrainConfig:
 
 PRESETS = {
     "default": _default,
+    "baseline": _baseline,
     "tutorial": _tutorial,
     "smoke": _smoke,
     "fashion_mnist": _fashion_mnist,
@@ -256,7 +294,8 @@ PRESETS = {
 
 
 def get_config(name: str = "default") -> TrainConfig:
-    """A named preset: default (the paper), tutorial, smoke, fashion_mnist, accelerator, multimnist."""
+    """A named preset: default (the paper), baseline (its CNN), tutorial, smoke, fashion_mnist, accelerator,
+    multimnist."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]()

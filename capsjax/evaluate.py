@@ -15,7 +15,6 @@ from flax import nnx
 from capsjax.checkpoint import CheckpointError, Checkpoints
 from capsjax.config import ConfigError, TrainConfig, load_config
 from capsjax.data.pipeline import padded_batches
-from capsjax.model import CapsNetOutput
 from capsjax.steps import MAX_IN_FLIGHT, Steps, default_mesh, init_state, make_steps, wait_for_queue
 
 
@@ -43,8 +42,9 @@ def evaluate_arrays(
     *,
     digits: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Mean loss terms, accuracy, error rate, per-class accuracy and the confusion matrix (rows: true class) over all
-    ``images`` [N, H, W, C] (uint8 or float in [0, 1]) and ``labels`` [N], decoding the predicted class.
+    """Mean loss terms (the model's), accuracy, error rate and, for int labels, per-class accuracy and the confusion
+    matrix (rows: true class) over all ``images`` [N, H, W, C] (uint8 or float in [0, 1]) and ``labels`` (int [N], or
+    k-hot [N, K], scored by :func:`capsjax.steps.correct_predictions`).
 
     For k-object images (MultiMNIST) ``labels`` are k-hot [N, K] and ``digits`` [N, k, H, W, C] the objects alone
     (ascending class order): ``accuracy`` is then the exact-set accuracy (both digits right), ``error_rate`` its
@@ -66,16 +66,18 @@ def evaluate_arrays(
         wait_for_queue(dispatched)
     totals = jax.device_get(totals)
     count = float(totals["count"])
-    confusion = np.asarray(totals["confusion"], np.int64)
-    result = {k: float(totals[k]) / count for k in ("loss", "margin_loss", "recon_loss") if k in totals}
+    tables = ("correct", "count", "confusion")
+    result = {k: float(v) / count for k, v in totals.items() if k not in tables}  # the model's loss terms
     result["accuracy"] = float(totals["correct"]) / count
     result["error_rate"] = 1.0 - result["accuracy"]
     if "almost" in totals:
         result["almost_accuracy"] = float(totals["almost"]) / count
     result["count"] = int(count)
-    per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
-    result["per_class_accuracy"] = [float(a) for a in per_class]
-    result["confusion"] = confusion.tolist()
+    if "confusion" in totals:
+        confusion = np.asarray(totals["confusion"], np.int64)
+        per_class = confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+        result["per_class_accuracy"] = [float(a) for a in per_class]
+        result["confusion"] = confusion.tolist()
     return result
 
 
@@ -96,7 +98,7 @@ class Run:
 
     @property
     def model(self):
-        """The NNX CapsNet with the loaded parameters."""
+        """The NNX model (``config.model.arch``) with the loaded parameters."""
         return nnx.merge(self.steps.graphdef, self.params)
 
 
@@ -156,25 +158,26 @@ def _unit_images(images: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
     return images.astype(np.float32)
 
 
-def predict_arrays(steps: Steps, params: Any, images: np.ndarray, batch_size: int = 100) -> CapsNetOutput:
-    """:func:`predict` for compiled ``steps`` and ``params``: ``images`` [N, H, W, C], uint8 or float in [0, 1]."""
+def predict_arrays(steps: Steps, params: Any, images: np.ndarray, batch_size: int = 100):
+    """:func:`predict` for compiled ``steps`` and ``params``: ``images`` [N, H, W, C] (N >= 1), uint8 or float in
+    [0, 1]. Returns the model's output tuple of NumPy arrays."""
     outputs = []
     for mask, x in padded_batches((images,), _device_multiple(batch_size, steps)):
         out = jax.device_get(steps.predict(params, global_batch(steps.data_sharding, x)))
         valid = int(mask.sum())
         outputs.append(jax.tree.map(lambda a: a[:valid], out))
-    return CapsNetOutput(*(None if parts[0] is None else np.concatenate(parts) for parts in zip(*outputs)))
+    return type(outputs[0])(*(None if parts[0] is None else np.concatenate(parts) for parts in zip(*outputs)))
 
 
-def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 100) -> CapsNetOutput:
-    """Class capsules, lengths (class probabilities) and reconstructions (of the predicted class) for ``images``
-    [N, H, W, C] or [N, H, W] (uint8 in [0, 255] or float in [0, 1]), from a :class:`Run` or a work directory
-    (its best checkpoint).
+def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 100):
+    """The model's outputs for ``images`` [N, H, W, C] or [N, H, W] (uint8 in [0, 255] or float in [0, 1]), from a
+    :class:`Run` or a work directory (its best checkpoint); :func:`class_scores` gives the predictions.
 
     Returns:
-      A :class:`~capsjax.model.CapsNetOutput` of NumPy arrays: ``capsules`` [N, num_classes, class_dim],
-      ``lengths`` [N, num_classes] (``lengths.argmax(-1)`` is the prediction) and ``reconstructions``
-      [N, H, W, C] in [0, 1] (None for a model without decoder).
+      The model's output tuple of NumPy arrays. For the CapsNet a :class:`~capsjax.model.CapsNetOutput`:
+      ``capsules`` [N, num_classes, class_dim], ``lengths`` [N, num_classes] (the class probabilities;
+      ``lengths.argmax(-1)`` is the prediction) and ``reconstructions`` [N, H, W, C] in [0, 1] (of the predicted
+      class; None without decoder). For the baseline CNN a :class:`~capsjax.baseline.CNNOutput`: ``logits``.
     """
     if not isinstance(run, Run):
         run = load_run(run)
@@ -182,15 +185,21 @@ def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 100) ->
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = _unit_images(images, tuple(run.config.model.image_shape))
     if len(images) == 0:
-        k, d = run.config.model.num_classes, run.config.model.class_dim
-        recon = np.zeros((0, *run.config.model.image_shape), np.float32) if run.config.model.use_decoder else None
-        return CapsNetOutput(np.zeros((0, k, d), np.float32), np.zeros((0, k), np.float32), recon)
+        n = run.steps.mesh.size
+        shapes = jax.eval_shape(run.steps.predict, run.params, jax.ShapeDtypeStruct((n, *images.shape[1:]), images.dtype))
+        return jax.tree.map(lambda s: np.zeros((0, *s.shape[1:]), s.dtype), shapes)
     return predict_arrays(run.steps, run.params, images, batch_size)
+
+
+def class_scores(run: Run, output) -> np.ndarray:
+    """The class scores [N, num_classes] of :func:`predict`'s ``output`` (the model's ``class_scores``: capsule
+    lengths, logits); their argmax is the prediction."""
+    return np.asarray(run.model.class_scores(output))
 
 
 def decode(run: Run, capsules: np.ndarray) -> np.ndarray:
     """Decoder images [N, H, W, C] for (already masked) class capsules [N, num_classes, class_dim]."""
-    if run.config.model.use_decoder is False:
+    if getattr(run.model, "decoder", None) is None:
         raise ValueError("this model has no decoder")
     model = run.model
     return np.asarray(jax.jit(lambda c: model.decoder(c))(jnp.asarray(capsules, jnp.float32)))
@@ -251,19 +260,21 @@ def _figures(run: Run, images, labels, metrics, workdir: Path, out_dir: Path) ->
     paths = []
     sample = images[:10]
     out = predict(run, sample)
-    predictions = out.lengths.argmax(-1)
-    if out.reconstructions is not None and out.reconstructions.ndim == 5:  # k objects per image
+    predictions = class_scores(run, out).argmax(-1)
+    recon = getattr(out, "reconstructions", None)
+    if recon is not None and recon.ndim == 5:  # k objects per image
         paths.append(viz.plot_multidigit(multidigit_groups(run, images, labels), out_dir / "multimnist.png"))
-    elif out.reconstructions is not None:
+    elif recon is not None:
         paths.append(
             viz.plot_reconstructions(sample, out.reconstructions, labels[:10], predictions, out_dir / "reconstructions.png")
         )
-    if out.reconstructions is not None:
+    if recon is not None:
         first = out.capsules[0]
         paths.append(
             viz.plot_pose_grid(lambda c: decode(run, c), first, int(predictions[0]), out_dir / "pose_grid.png")
         )
-    paths.append(viz.plot_confusion_matrix(np.asarray(metrics["confusion"]), out_dir / "confusion.png"))
+    if "confusion" in metrics:
+        paths.append(viz.plot_confusion_matrix(np.asarray(metrics["confusion"]), out_dir / "confusion.png"))
     metrics_file = workdir / "metrics.jsonl"
     if metrics_file.exists() and metrics_file.stat().st_size:
         paths.append(viz.plot_training_curves(metrics_file, out_dir / "training_curves.png"))

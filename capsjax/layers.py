@@ -29,10 +29,18 @@ def resolve_kernels(kernels: str) -> str:
     return kernels
 
 
-class Conv2D(nnx.Module):
-    """VALID convolution with a bias: XLA's native convolution, or :func:`capsjax.fast.conv2d` (``kernels``).
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """The zeros added before and after an axis of ``size`` so that a convolution keeps ``ceil(size / stride)``
+    outputs (TensorFlow's and XLA's "SAME": the odd one goes after)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
 
-    ``dtype`` (e.g. ``jnp.bfloat16``) is the compute dtype of the product; parameters stay float32.
+
+class Conv2D(nnx.Module):
+    """Convolution with a bias: XLA's native convolution, or :func:`capsjax.fast.conv2d` (``kernels``).
+
+    ``padding`` is "VALID" (the CapsNet's) or "SAME" (zeros around the input, then the VALID product: the fast form
+    is VALID only). ``dtype`` (e.g. ``jnp.bfloat16``) is the compute dtype of the product; parameters stay float32.
     """
 
     def __init__(
@@ -42,15 +50,19 @@ class Conv2D(nnx.Module):
         kernel_size: int,
         stride: int = 1,
         *,
+        padding: str = "VALID",
         kernels: str = "auto",
         dtype=None,
         rngs: nnx.Rngs,
     ):
         check_kernels(kernels)  # validate early
+        if padding not in ("VALID", "SAME"):
+            raise ValueError(f"padding must be 'VALID' or 'SAME', got {padding!r}")
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,)))
         self.stride = stride
+        self.padding = padding
         self.kernels = kernels
         self.dtype = dtype
 
@@ -59,6 +71,10 @@ class Conv2D(nnx.Module):
         kernel = self.kernel[...]
         if self.dtype is not None:
             x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if self.padding == "SAME":
+            kh, kw = kernel.shape[:2]
+            pads = (same_padding(x.shape[1], kh, self.stride), same_padding(x.shape[2], kw, self.stride))
+            x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
         if resolve_kernels(self.kernels) == "fast":
             y = fast.conv2d(x, kernel, self.stride)
         else:

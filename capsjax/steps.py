@@ -18,7 +18,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from capsjax import ops, scoring
 from capsjax.config import LossConfig, ModelConfig, OptimConfig
-from capsjax.model import CapsNet
+from capsjax.model import build_model
+
+_MODEL_KEY = 0x6D6F  # the model's training key (dropout) is fold_in(step key, _MODEL_KEY); augmentation takes the step key
 
 
 # How many steps the host may dispatch ahead of the devices. Two keep an accelerator's queue full; an unbounded queue
@@ -62,30 +64,24 @@ def to_unit_float(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32)
 
 
-def per_example_losses(output, images: jax.Array, labels: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
-    """The objective's terms per example, each ``[B]``: ``margin_loss``, ``recon_loss`` (with a decoder) and their
-    weighted sum ``loss``. The train step takes their batch mean, the eval step their sum over unpadded examples."""
-    margin = ops.margin_loss(output.lengths, labels, config.m_plus, config.m_minus, config.lambda_)
-    terms = {"margin_loss": margin}
-    loss = margin
-    if output.reconstructions is not None:
-        recon = ops.reconstruction_loss(images, output.reconstructions, config.recon_reduction)
-        terms["recon_loss"] = recon
-        loss = loss + config.recon_weight * recon
-    terms["loss"] = loss
-    return terms
+def correct_predictions(scores: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per example ``[B]`` (bool): the argmax of ``scores`` [B, K] is the int label ``targets`` [B]; or, for k-hot
+    ``targets`` [B, K], the k highest scores are exactly the k target classes, ties going to the lower class index
+    as in the authors' ``top_k`` (:func:`capsjax.scoring.khot_exact_and_almost`)."""
+    if targets.ndim == scores.ndim - 1:
+        return jnp.argmax(scores, axis=-1) == targets
+    return scoring.khot_exact_and_almost(scores, targets)[0]
 
 
-def compute_losses(output, images: jax.Array, labels: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
-    """Batch means of :func:`per_example_losses` and the accuracy (the train step's metrics): for k-hot labels the
-    exact-set accuracy and the almost-correct rate (:mod:`capsjax.scoring`)."""
-    metrics = {name: jnp.mean(term) for name, term in per_example_losses(output, images, labels, config).items()}
-    if labels.ndim == 1:
-        metrics["accuracy"] = jnp.mean(jnp.argmax(output.lengths, axis=-1) == labels)
-    else:
-        exact, almost = scoring.khot_exact_and_almost(output.lengths, labels)
-        metrics["accuracy"] = jnp.mean(exact.astype(jnp.float32))
-        metrics["almost_accuracy"] = jnp.mean(almost.astype(jnp.float32))
+def compute_losses(model, output, images: jax.Array, targets: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
+    """Batch means of ``model.per_example_losses`` and the accuracy (:func:`correct_predictions`): the train step's
+    metrics; for k-hot targets also the almost-correct rate (at least one of the k classes among the top k)."""
+    terms = model.per_example_losses(output, images, targets, config)
+    metrics = {name: jnp.mean(term) for name, term in terms.items()}
+    scores = model.class_scores(output)
+    metrics["accuracy"] = jnp.mean(correct_predictions(scores, targets).astype(jnp.float32))
+    if targets.ndim == scores.ndim:
+        metrics["almost_accuracy"] = jnp.mean(scoring.khot_exact_and_almost(scores, targets)[1].astype(jnp.float32))
     return metrics
 
 
@@ -94,10 +90,10 @@ class Steps:
     """The jit-compiled steps of one model on one mesh.
 
     ``train(state, images, labels) -> (state, metrics)``, ``evaluate(params, images, labels, mask) -> sums`` and
-    ``predict(params, images) -> CapsNetOutput`` take uint8 or float images ``[B, H, W, C]``, int labels ``[B]`` and a
-    0/1 mask ``[B]``, sharded along the mesh's ``data`` axis. For ``num_targets = k > 1`` (MultiMNIST) the labels are
-    k-hot ``[B, K]`` and ``train`` and ``evaluate`` take one more argument, ``digits`` ``[B, k, H, W, C]``: each
-    object alone, in ascending class order, the targets of the k reconstructions.
+    ``predict(params, images) -> output`` (the model's output tuple) take uint8 or float images ``[B, H, W, C]``,
+    int labels ``[B]`` or k-hot targets ``[B, K]``, and a 0/1 mask ``[B]``, sharded along the mesh's ``data`` axis.
+    For ``num_targets = k > 1`` (MultiMNIST) ``train`` and ``evaluate`` take one more argument, ``digits``
+    ``[B, k, H, W, C]``: each object alone, in ascending class order, the targets of the k reconstructions.
     """
 
     graphdef: Any
@@ -123,15 +119,16 @@ def default_mesh() -> Mesh:
 def init_state(
     model_config: ModelConfig, optim_config: OptimConfig, seed: int, mesh: Mesh | None = None
 ) -> tuple[Any, TrainState]:
-    """Builds the model and its ``TrainState``, created directly replicated over ``mesh``."""
+    """Builds the model ``model_config.arch`` (:func:`capsjax.model.build_model`) and its ``TrainState``, created
+    directly replicated over ``mesh``."""
     mesh = mesh or default_mesh()
-    abstract = nnx.eval_shape(lambda: CapsNet(model_config, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(abstract)
     tx = make_optimizer(optim_config)
 
     def create():
         params_key, base_key = jax.random.split(jax.random.key(seed))
-        _, params = nnx.split(CapsNet(model_config, rngs=nnx.Rngs(params_key)))
+        _, params = nnx.split(build_model(model_config, rngs=nnx.Rngs(params_key)))
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), key=jax.random.key_data(base_key)
         )
@@ -153,7 +150,9 @@ def make_steps(
     """Compiles the train, eval and predict steps (``num_targets``: the model's, see :class:`Steps`).
 
     ``augment(key, images) -> images`` (float images in [0, 1]) runs inside the train step with the per-step key
-    ``fold_in(state.key, state.step)``; by default it is the random shift of up to ``max_shift`` pixels.
+    ``fold_in(state.key, state.step)``; by default it is the random shift of up to ``max_shift`` pixels. The model
+    gets ``key=fold_in(step key, _MODEL_KEY)`` in the train step (dropout) and no key in the eval and predict steps.
+    The loss and the scores are the model's (``per_example_losses``, ``class_scores``: :mod:`capsjax.model`).
     """
     mesh = mesh or default_mesh()
     tx, schedule = make_optimizer(optim_config), make_schedule(optim_config)
@@ -163,17 +162,19 @@ def make_steps(
         def augment(key, images):
             return random_shift(key, images, max_shift)
 
-    def loss_fn(params, images, labels, recon_targets):
+    def loss_fn(params, images, labels, recon_targets, key):
         model = nnx.merge(graphdef, params)
-        metrics = compute_losses(model(images, labels), recon_targets, labels, loss_config)
+        metrics = compute_losses(model, model(images, labels, key=key), recon_targets, labels, loss_config)
         return metrics["loss"], metrics
 
     def train_step(state: TrainState, images, labels, digits=None):
         images = to_unit_float(images)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         if augment is not None:
-            images = augment(jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step), images)
+            images = augment(step_key, images)
+        model_key = jax.random.fold_in(step_key, _MODEL_KEY)
         recon_targets = images if digits is None else to_unit_float(digits)
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, images, labels, recon_targets)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, images, labels, recon_targets, model_key)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 count with float32 moments
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -182,28 +183,29 @@ def make_steps(
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def eval_step(params, images, labels, mask, digits=None):
-        """Sums over the examples where ``mask`` is 1 (padding has 0), decoding the predicted class(es): loss terms,
-        correct count (k objects: the exact set; and the almost-correct count), (per-digit) confusion matrix."""
+        """Sums over the examples where ``mask`` is 1 (padding has 0), without targets (CapsNet decodes the predicted
+        class, or the k predicted classes): loss terms (the reconstructions scored against ``digits`` when given),
+        correct count, for k-hot labels the almost-correct count, and the confusion matrix (for k-hot labels the
+        per-digit one, :func:`capsjax.scoring.pair_confusion`)."""
         images = to_unit_float(images)
         model = nnx.merge(graphdef, params)
         out = model(images)
-        num_classes = out.lengths.shape[-1]
+        scores = model.class_scores(out)
         weight = mask.astype(jnp.float32)
-        terms = per_example_losses(out, images if digits is None else to_unit_float(digits), labels, loss_config)
+        terms = model.per_example_losses(out, images if digits is None else to_unit_float(digits), labels, loss_config)
         sums = {name: jnp.sum(term * weight) for name, term in terms.items()}
+        sums["correct"] = jnp.sum(jnp.where(correct_predictions(scores, labels), weight, 0.0))
         sums["count"] = jnp.sum(weight)
-        if num_targets == 1:
-            preds = jnp.argmax(out.lengths, axis=-1)
-            sums["correct"] = jnp.sum(jnp.where(preds == labels, weight, 0.0))
-            table = jnp.zeros((num_classes, num_classes), jnp.int32)
-            sums["confusion"] = table.at[labels, preds].add(mask.astype(jnp.int32))
-            return sums
-        preds = scoring.top_k_classes(out.lengths, num_targets)
-        classes = scoring.top_k_classes(labels, num_targets)  # the k-hot labels' classes
-        exact, almost = scoring.exact_and_almost(preds, classes)
-        sums["correct"] = jnp.sum(jnp.where(exact, weight, 0.0))
-        sums["almost"] = jnp.sum(jnp.where(almost, weight, 0.0))
-        sums["confusion"] = scoring.pair_confusion(preds, classes, num_classes, mask)
+        num_classes = scores.shape[-1]
+        if labels.ndim == 1:
+            preds = jnp.argmax(scores, axis=-1)
+            confusion = jnp.zeros((num_classes, num_classes), jnp.int32)
+            sums["confusion"] = confusion.at[labels, preds].add(mask.astype(jnp.int32))
+        else:
+            sums["almost"] = jnp.sum(jnp.where(scoring.khot_exact_and_almost(scores, labels)[1], weight, 0.0))
+            if num_targets > 1:  # every example has num_targets classes
+                preds, classes = (scoring.top_k_classes(s, num_targets) for s in (scores, labels))
+                sums["confusion"] = scoring.pair_confusion(preds, classes, num_classes, mask)
         return sums
 
     def predict_step(params, images):

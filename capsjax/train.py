@@ -288,6 +288,8 @@ def _reconstructions_to_tensorboard(run: _Run, steps: Steps, count: int = 8) -> 
         return
     images = run.datasets.validation[0][:count]
     out = predict_arrays(steps, run.state.params, images, batch_size=count)
+    if getattr(out, "reconstructions", None) is None:  # a model without decoder (the baseline CNN)
+        return
     inputs = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images
     recon = out.reconstructions
     if recon.ndim == 5:  # one reconstruction per digit (MultiMNIST): red and green over each other, as in Fig. 5

@@ -192,12 +192,17 @@ def config_changes(previous: TrainConfig, current: TrainConfig) -> dict[str, tup
 
 def check_resume(previous: TrainConfig, current: TrainConfig, workdir: Path, allowed: Iterable[str] = ()) -> None:
     """Raises :class:`ConfigError` if ``current`` changes a field that a resumed run must keep (anything outside
-    :data:`RESUMABLE_CHANGES` and ``allowed`` prefixes), listing the differences."""
+    :data:`RESUMABLE_CHANGES` and ``allowed`` prefixes), listing the differences. Changing ``model.arch`` is refused;
+    the model fields that the run's architecture does not read (``ModelConfig.unused_fields``, e.g. ``cnn_*`` for
+    the CapsNet) may change."""
     allowed = tuple(allowed)
+    unused = set()
+    if previous.model.arch == current.model.arch:
+        unused = {f"model.{name}" for name in previous.model.unused_fields}
     refused = {
         k: v
         for k, v in config_changes(previous, current).items()
-        if k not in RESUMABLE_CHANGES and not k.startswith(allowed)
+        if k not in RESUMABLE_CHANGES and k not in unused and not k.startswith(allowed)
     }
     if refused:
         listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())

@@ -276,7 +276,6 @@ def test_two_reconstruction_loss_against_numpy():
 
     from capsjax.config import LossConfig, ModelConfig
     from capsjax.model import CapsNet
-    from capsjax.steps import per_example_losses
 
     model = CapsNet(ModelConfig(**TINY2, kernels="textbook"), rngs=nnx.Rngs(0))
     call, decode = nnx.jit(lambda m, *a: m(*a)), nnx.jit(lambda m, c: m.decoder(c))
@@ -284,7 +283,7 @@ def test_two_reconstruction_loss_against_numpy():
     x, d = jnp.asarray(images / 255.0, jnp.float32), digits.astype(np.float64) / 255.0
     out = call(model, x, jnp.asarray(labels))
     assert out.reconstructions.shape == (6, 2, 36, 36, 1)
-    terms = jax_to_np(per_example_losses(out, jnp.asarray(d, jnp.float32), jnp.asarray(labels), LossConfig()))
+    terms = jax_to_np(model.per_example_losses(out, jnp.asarray(d, jnp.float32), jnp.asarray(labels), LossConfig()))
 
     lengths, capsules = np.asarray(out.lengths, np.float64), np.asarray(out.capsules)
     margin = np.sum(
@@ -308,7 +307,7 @@ def test_two_reconstruction_loss_against_numpy():
         recon = np.asarray(decode(model, jnp.asarray(capsules * keep)))
         np.testing.assert_allclose(np.asarray(inferred.reconstructions[:, j]), recon, atol=1e-6)
     with pytest.raises(ValueError, match="do not match"):  # the merged image is not a target of two reconstructions
-        per_example_losses(out, x, jnp.asarray(labels), LossConfig())
+        model.per_example_losses(out, x, jnp.asarray(labels), LossConfig())
 
 
 def jax_to_np(tree):

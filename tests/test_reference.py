@@ -47,7 +47,7 @@ def test_optimized_model_equals_textbook_formulation():
 
     def optimized_loss(state):
         model = nnx.merge(graphdef, state)
-        return compute_losses(model(images, labels), images, labels, LossConfig())["loss"]
+        return compute_losses(model, model(images, labels), images, labels, LossConfig())["loss"]
 
     loss, grads = jax.jit(jax.value_and_grad(optimized_loss))(state)
     grads = nnx.to_pure_dict(grads)
