@@ -59,7 +59,7 @@ def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description="Train a CapsNet (Sabour et al. 2017). Rerun on the same --workdir to resume.")
     parser.add_argument("--preset", default="default",
                         help="default (the paper), baseline (its CNN), tutorial, smoke, fashion_mnist, accelerator, "
-                        "multimnist")  # fmt: skip
+                        "multimnist, multimnist_baseline")  # fmt: skip
     parser.add_argument("--workdir", default=None, help="run directory (default: runs/<preset>)")
     for flag, (_, kind, help_) in _TRAIN_FLAGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None, help=help_)

@@ -1,6 +1,7 @@
 """MultiMNIST (paper section 6): pair generation, the fixed test set, set scoring, the two-reconstruction loss,
 and an end-to-end run through both CLIs."""
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -361,6 +362,9 @@ def test_multimnist_preset_and_config_checks():
     assert config.model.image_shape == (36, 36, 1) and config.model.num_primary_capsules == 3200  # 10 x 10 x 32
     assert config.optim.decay_steps == 10 * get_config("default").optim.decay_steps
     assert (config.multimnist.shift, config.multimnist.merge, config.multimnist.test_pairs) == (4, "sum", 10_000)
+    baseline = get_config("multimnist_baseline")
+    assert baseline.model.arch == "cnn" and dataclasses.replace(baseline.model, arch="capsnet") == config.model
+    assert dataclasses.replace(baseline, model=config.model) == config  # trained and scored the same way
     with pytest.raises(ConfigError, match="max_shift=0"):
         replace_path(config, "max_shift", "2")
     with pytest.raises(ConfigError, match="num_targets=2"):
