@@ -29,6 +29,7 @@ _TRAIN_FLAGS = {
     "train_examples": ("train_examples", int, "train on the first N training examples only"),
     "validation_examples": ("validation_examples", int, "hold the last N training examples out (0: validate on test)"),
     "max_shift": ("max_shift", int, "random shift augmentation in pixels (0: none)"),
+    "canvas_size": ("canvas_size", int, "expanded MNIST: digits at random offsets on a canvas this size (0: off)"),
     "kernels": ("model.kernels", str, "computation: auto (fast on CPU), fast (XLA:CPU-tuned), textbook (capsjax.ops)"),
     "conv_dtype": ("model.conv_dtype", str, "convolution compute dtype: float32, bfloat16"),
     "recon_reduction": ("loss.recon_reduction", str, "reconstruction loss over pixels: sum (paper) or mean"),
@@ -57,9 +58,9 @@ def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
     field, ``--set FIELD=VALUE``, ``--quiet``, the multi-process flags, ``--print-config``, ``--verbose``,
     ``--version``."""
     parser = _Parser(prog=prog, description="Train a CapsNet (Sabour et al. 2017). Rerun on the same --workdir to resume.")
-    parser.add_argument("--preset", default="default",
-                        help="default (the paper), baseline (its CNN), tutorial, smoke, fashion_mnist, accelerator, "
-                        "multimnist, multimnist_baseline")  # fmt: skip
+    parser.add_argument("--preset", default="default", help="default (the paper), baseline (its CNN), expanded_mnist "
+                        "(40x40 canvas), tutorial, smoke, fashion_mnist, accelerator, multimnist (paper section 6), "
+                        "multimnist_baseline (its CNN)")  # fmt: skip
     parser.add_argument("--workdir", default=None, help="run directory (default: runs/<preset>)")
     for flag, (_, kind, help_) in _TRAIN_FLAGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None, help=help_)
@@ -188,7 +189,13 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
     parser.add_argument("--workdir", required=True, help="the training run's directory")
     parser.add_argument("--split", default="test",
                         help="dataset split to evaluate (default: test; MultiMNIST: test or validation pairs)")  # fmt: skip
-    parser.add_argument("--data-dir", default=None, help="directory of IDX files (default: the run's)")
+    parser.add_argument("--dataset", default=None,
+                        help="evaluate on another dataset than the run's: affine_mnist (an approximation of affNIST, "
+                        "built from the MNIST files) or affnist (the official .mat files, with --data-dir), for a run "
+                        "trained on expanded MNIST")  # fmt: skip
+    parser.add_argument("--data-dir", default=None,
+                        help="directory of the dataset's files (default: the run's; for --dataset affnist, the folder "
+                        "of the official .mat files)")  # fmt: skip
     parser.add_argument("--checkpoint", default="best", metavar="best|latest|STEP",
                         help="which checkpoint: the best validated one (default; the latest before the first epoch "
                         "ends), the latest, or a step number")  # fmt: skip
@@ -221,21 +228,25 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
             out_dir=args.out_dir,
             figures=not args.no_figures,
             batch_size=args.batch_size,
+            dataset=args.dataset,
         )
     except (ConfigError, DataError, ValueError) as err:
         return _fail(prog, str(err), 2)
     except CheckpointError as err:
         return _fail(prog, str(err), 1)
+    if "note" in metrics:
+        print(f"note: {metrics['note']}")
+    named = metrics["dataset"] + (" (an approximation of affNIST)" if metrics["dataset"] == "affine_mnist" else "")
     if "almost_accuracy" in metrics:  # k objects per image (MultiMNIST): scored as a set
         print(
-            f"{metrics['dataset']} {metrics['split']}: exact-set accuracy {100 * metrics['accuracy']:.2f}% "
+            f"{named} {metrics['split']}: exact-set accuracy {100 * metrics['accuracy']:.2f}% "
             f"(error {100 * metrics['error_rate']:.2f}%), almost-correct {100 * metrics['almost_accuracy']:.2f}%, "
             f"loss {metrics['loss']:.4f}, {metrics['count']} images, {metrics['checkpoint']} checkpoint at step "
             f"{metrics['step']}\nper-digit confusion (each true digit once):"
         )
     else:
         print(
-            f"{metrics['dataset']} {metrics['split']}: accuracy {100 * metrics['accuracy']:.2f}% "
+            f"{named} {metrics['split']}: accuracy {100 * metrics['accuracy']:.2f}% "
             f"(error {100 * metrics['error_rate']:.2f}%), loss {metrics['loss']:.4f}, {metrics['count']} examples, "
             f"{metrics['checkpoint']} checkpoint at step {metrics['step']}"
         )

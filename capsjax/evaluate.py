@@ -226,32 +226,68 @@ def evaluate_workdir(
     out_dir: str | Path | None = None,
     figures: bool = True,
     batch_size: int | None = None,
+    dataset: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluates a trained run on ``split`` of its dataset and writes ``eval_<split>.json`` and the figures
-    (reconstructions, pose-perturbation grid, training curves, confusion matrix) into ``out_dir`` (default:
-    ``workdir``).
+    """Evaluates a trained run on ``split`` of its dataset (placed on its canvas as in training, for expanded MNIST)
+    and writes ``eval_<split>.json`` and the figures (reconstructions, pose-perturbation grid, training curves,
+    confusion matrix) into ``out_dir`` (default: ``workdir``).
+
+    With another ``dataset`` (e.g. ``"affine_mnist"`` or ``"affnist"`` for a run trained on expanded MNIST) it
+    writes ``eval_<dataset>_<split>.json``, ``<dataset>_examples.png`` (transformed digits with predictions and, for
+    the CapsNet, reconstructions; the wrong ones first) and ``confusion_<dataset>.png``.
 
     Returns:
-      The metrics of :func:`evaluate_arrays` (``accuracy``, ``error_rate``, ``loss``, ``margin_loss``,
-      ``recon_loss``, ``count``, ``per_class_accuracy`` [K], ``confusion`` [K, K]) plus ``split``, ``checkpoint``,
-      ``step``, ``dataset`` and, with ``figures``, the written ``figures`` paths.
+      The metrics of :func:`evaluate_arrays` (``accuracy``, ``error_rate``, the model's loss terms, ``count``,
+      ``per_class_accuracy`` [K], ``confusion`` [K, K]) plus ``split``, ``checkpoint``, ``step``, ``dataset``,
+      ``note`` for a dataset that needs one (``affine_mnist``: an approximation of affNIST) and, with ``figures``,
+      the written ``figures`` paths.
     """
-    from capsjax.data.splits import load_split
+    from capsjax import data as datalib
+    from capsjax.data.canvas import DATASET_NOTES
 
     run = load_run(workdir, which)
     out_dir = Path(out_dir or workdir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = run.config
-    if data_dir is not None:
-        config = dataclasses.replace(config, data_dir=data_dir)
-    images, labels, *digits = load_split(config, split)
+    own = dataset is None or dataset == config.dataset
+    name = config.dataset if own else dataset
+    images, labels, *digits = datalib.load_eval_split(config, split, data_dir, None if own else name)
     batch_size = batch_size or config.eval_batch_size
     metrics = evaluate_arrays(run.steps, run.params, images, labels, batch_size, digits=digits[0] if digits else None)
-    metrics.update(split=split, checkpoint=run.which, step=run.step, dataset=config.dataset)
-    (out_dir / f"eval_{split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics.update(split=split, checkpoint=run.which, step=run.step, dataset=name)
+    if name in DATASET_NOTES:
+        metrics["note"] = DATASET_NOTES[name]
+    stem = f"eval_{split}" if own else f"eval_{name.replace('/', '_')}_{split}"
+    (out_dir / f"{stem}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if figures and jax.process_index() == 0:
-        metrics["figures"] = [str(p) for p in _figures(run, images, labels, metrics, Path(workdir), out_dir)]
+        if own:
+            paths = _figures(run, images, labels, metrics, Path(workdir), out_dir)
+        else:
+            paths = _transfer_figures(run, images, labels, metrics, name.replace("/", "_"), out_dir)
+        metrics["figures"] = [str(p) for p in paths]
     return metrics
+
+
+def _transfer_figures(run: Run, images, labels, metrics, name: str, out_dir: Path, count: int = 12) -> list[Path]:
+    """Examples of another dataset (the wrong predictions among the first 500 first, then right ones) and its
+    confusion matrix."""
+    from capsjax import viz
+
+    head = images[:500]
+    out = predict(run, head)
+    predictions = class_scores(run, out).argmax(-1)
+    wrong = np.flatnonzero(predictions != labels[:500])
+    right = np.flatnonzero(predictions == labels[:500])
+    chosen = np.concatenate([wrong[: count // 2], right])[:count]
+    recon = getattr(out, "reconstructions", None)
+    note = " (an approximation of affNIST)" if name == "affine_mnist" else ""
+    title = f"{name}{note} {metrics['split']}: accuracy {100 * metrics['accuracy']:.2f}%"
+    paths = [viz.plot_reconstructions(head[chosen], None if recon is None else recon[chosen], labels[:500][chosen],
+                                      predictions[chosen], out_dir / f"{name}_examples.png", max_images=count,
+                                      title=title)]  # fmt: skip
+    if "confusion" in metrics:
+        paths.append(viz.plot_confusion_matrix(np.asarray(metrics["confusion"]), out_dir / f"confusion_{name}.png"))
+    return paths
 
 
 def _figures(run: Run, images, labels, metrics, workdir: Path, out_dir: Path) -> list[Path]:

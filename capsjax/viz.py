@@ -77,25 +77,41 @@ def _label_text(label: Any) -> str:
 
 
 def plot_reconstructions(
-    images: Any, reconstructions: Any, labels: Any, predictions: Any, path: str | Path, max_images: int = 10
+    images: Any,
+    reconstructions: Any,
+    labels: Any,
+    predictions: Any,
+    path: str | Path,
+    max_images: int = 10,
+    title: str | None = None,
 ) -> Path:
     """Top row: the inputs ``images`` [N, H, W, C] titled with their true ``labels`` [N]; bottom row: the
     ``reconstructions`` [N, H, W, C] titled with the ``predictions`` [N] (in red where wrong). Images are uint8 in
-    [0, 255] or float in [0, 1], C is 1 (gray) or 3 (RGB); at most ``max_images`` columns are drawn."""
-    images, reconstructions = _as_display(images), _as_display(reconstructions)
-    n = min(len(images), len(reconstructions), len(labels), len(predictions), max_images)
+    [0, 255] or float in [0, 1], C is 1 (gray) or 3 (RGB); at most ``max_images`` columns are drawn. With
+    ``reconstructions=None`` (a model without decoder) one row of inputs, titled with both; ``title`` goes above."""
+    images = _as_display(images)
+    recon = None if reconstructions is None else _as_display(reconstructions)
+    n = min(len(images), len(labels), len(predictions), max_images, len(images) if recon is None else len(recon))
     if n == 0:
         raise ValueError("plot_reconstructions needs at least one image")
-    fig = _figure(1.2 * n, 2.8)
-    axes = fig.subplots(2, n, squeeze=False)
+    rows = 1 if recon is None else 2
+    fig = _figure(1.2 * n, 1.4 * rows + (0.3 if title else 0.0))
+    axes = fig.subplots(rows, n, squeeze=False)
     for i in range(n):
         true, pred = _label_text(labels[i]), _label_text(predictions[i])
+        color = "black" if pred == true else "red"
         _show(axes[0, i], images[i])
+        if recon is None:
+            axes[0, i].set_title(f"true {true}\npred {pred}", fontsize=9, color=color)
+            continue
         axes[0, i].set_title(f"true {true}", fontsize=9)
-        _show(axes[1, i], reconstructions[i])
-        axes[1, i].set_title(f"pred {pred}", fontsize=9, color="black" if pred == true else "red")
+        _show(axes[1, i], recon[i])
+        axes[1, i].set_title(f"pred {pred}", fontsize=9, color=color)
     axes[0, 0].set_ylabel("input")
-    axes[1, 0].set_ylabel("reconstruction")
+    if recon is not None:
+        axes[1, 0].set_ylabel("reconstruction")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -50,6 +50,9 @@ def test_same_convolution_matches_xla_same_padding():
         )
         np.testing.assert_allclose(conv(x), ref + conv.bias[...][None, None, None, :], rtol=1e-5, atol=1e-5)
     assert conv(x).shape == (2, 9, 7, 6)
+    fast, textbook = (Conv2D(3, 20, 5, padding="SAME", kernels=k, rngs=nnx.Rngs(1)) for k in ("fast", "textbook"))
+    grads = [jax.grad(lambda x, c=c: jnp.sum(jnp.square(c(x))))(x) for c in (fast, textbook)]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-4)
 
 
 def test_cnn_output_shape_and_dropout_only_with_a_key():

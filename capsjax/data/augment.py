@@ -1,4 +1,5 @@
-"""On-device augmentation: the paper's random shifts, run inside the jitted train step (pure ``jax.numpy``)."""
+"""On-device augmentation, run inside the jitted train step (pure ``jax.numpy``): the paper's random shifts, and the
+random placement on a larger canvas of expanded MNIST."""
 
 from __future__ import annotations
 
@@ -48,3 +49,47 @@ def random_shift(key: jax.Array, images: jax.Array, max_shift: int = 2) -> jax.A
         return images
     offsets = jax.random.randint(key, (images.shape[0], 2), -max_shift, max_shift + 1, dtype=jnp.int32)
     return shift_images(images, offsets)
+
+
+def place_images(images: jax.Array, offsets: jax.Array, canvas_size: int) -> jax.Array:
+    """Puts each image on a black ``canvas_size x canvas_size`` canvas with its top-left corner at its own
+    ``(dy, dx)`` (expanded MNIST). Offsets must lie in ``[0, canvas_size - H]`` x ``[0, canvas_size - W]``: then
+    nothing is cut off and the pixel sum is kept.
+
+    Args:
+      images: ``[B, H, W, C]``, any dtype.
+      offsets: integer ``[B, 2]`` of ``(dy, dx)``.
+      canvas_size: a static Python int, at least ``H`` and ``W``.
+
+    Returns:
+      ``[B, canvas_size, canvas_size, C]`` in ``images``' dtype.
+    """
+    _, h, w, _ = images.shape
+    if canvas_size < max(h, w):
+        raise ValueError(f"a {canvas_size}x{canvas_size} canvas cannot hold {h}x{w} images")
+    padded = jnp.pad(images, ((0, 0), (0, canvas_size - h), (0, canvas_size - w), (0, 0)))
+    return shift_images(padded, offsets)
+
+
+def random_placement(key: jax.Array, images: jax.Array, canvas_size: int) -> jax.Array:
+    """Expanded MNIST's augmentation: each image placed on a black ``canvas_size`` canvas at its own offset, uniform
+    over every position where it fits whole (28x28 digits on 40x40: 13 x 13 positions). See :func:`place_images`."""
+    n, h, w, _ = images.shape
+    if canvas_size < max(h, w):
+        raise ValueError(f"a {canvas_size}x{canvas_size} canvas cannot hold {h}x{w} images")
+    key_y, key_x = jax.random.split(key)
+    dy = jax.random.randint(key_y, (n,), 0, canvas_size - h + 1, dtype=jnp.int32)
+    dx = jax.random.randint(key_x, (n,), 0, canvas_size - w + 1, dtype=jnp.int32)
+    return place_images(images, jnp.stack([dy, dx], axis=1), canvas_size)
+
+
+def train_augmentation(max_shift: int = 0, canvas_size: int = 0):
+    """The train step's ``augment(key, images)`` for a config: :func:`random_placement` on a ``canvas_size`` canvas
+    (expanded MNIST), else :func:`random_shift` by up to ``max_shift`` pixels, else None (no augmentation)."""
+    if canvas_size and max_shift:
+        raise ValueError("the random placement on a canvas replaces the random shifts: set max_shift=0")
+    if canvas_size:
+        return lambda key, images: random_placement(key, images, canvas_size)
+    if max_shift:
+        return lambda key, images: random_shift(key, images, max_shift)
+    return None

@@ -1,4 +1,4 @@
-"""The original distribution files: IDX (the MNIST family), CIFAR-10's binary version, SVHN's ``.mat``.
+"""The original distribution files: IDX (the MNIST family), CIFAR-10's binary version, SVHN's and affNIST's ``.mat``.
 
 Each ``load_*`` reads one base split (``"train"`` or ``"test"``) from a directory and returns
 ``(images uint8 [N, H, W, C], labels int32 [N], where)``, ``where`` naming the label file for error messages. Every
@@ -188,3 +188,88 @@ def load_svhn_mat(directory: Path, base: str) -> Arrays:
     labels = y.reshape(-1).astype(np.int32)
     labels[labels == 10] = 0  # SVHN labels the digit 0 as 10
     return np.ascontiguousarray(x.transpose(3, 0, 1, 2)).astype(np.uint8), labels, str(path)
+
+
+# affNIST (.mat) -----------------------------------------------------------------------------------------------------
+
+AFFNIST_SIZE = 40
+# Where each split lives in the official distribution: one file, or a folder of numbered batches 1.mat, 2.mat, ...
+_AFFNIST_FILES = {"test": ("test.mat",), "train": ("training_and_validation.mat", "training.mat", "train.mat")}
+_AFFNIST_FOLDERS = {
+    "test": ("test_batches", "test"),
+    "train": ("training_and_validation_batches", "training_batches", "train_batches", "train", "training"),
+}
+
+
+def _affnist_paths(directory: Path, base: str) -> list[Path]:
+    """The split's ``.mat`` file, or its numbered batches in order (all of 1..n, else an error naming the gap)."""
+    for name in _AFFNIST_FILES[base]:
+        if (directory / name).is_file():
+            return [directory / name]
+    for name in _AFFNIST_FOLDERS[base]:
+        folder = directory / name
+        numbered = {int(p.stem): p for p in folder.glob("*.mat") if p.stem.isdigit()} if folder.is_dir() else {}
+        if numbered:
+            missing = sorted(set(range(1, max(numbered) + 1)) - set(numbered))
+            if missing:
+                raise DataError(
+                    f"affnist {base}: {folder} holds batches up to {max(numbered)}.mat but not "
+                    f"{', '.join(f'{m}.mat' for m in missing[:5])}; download the batches again"
+                )
+            return [numbered[k] for k in sorted(numbered)]
+    names = list(_AFFNIST_FILES[base]) + [f"{f}/1.mat" for f in _AFFNIST_FOLDERS[base]]
+    raise DataError(
+        f"affnist {base}: none of {', '.join(names[:4])} found in {directory}; put the official affNIST .mat files "
+        f"(unzipped) there, or {HINT}"
+    )
+
+
+def _affnist_field(struct: np.ndarray, name: str, path: Path) -> np.ndarray:
+    if struct.dtype.names is None or name not in struct.dtype.names:
+        fields = ", ".join(struct.dtype.names or ()) or "none"
+        raise DataError(f"{path}: the affNISTdata struct has no field {name!r} (fields: {fields}); is it an affNIST file?")
+    return np.asarray(struct[name].flat[0])
+
+
+def read_affnist_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One affNIST ``.mat`` file: the struct ``affNISTdata`` whose ``image`` is ``1600 x N`` (one 40x40 image per
+    column, its pixels row after row, as every public reader takes them) and ``label_int`` holds the N digits.
+
+    Returns ``(images uint8 [N, 40, 40, 1], labels int32 [N])``."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataError(f"{path}: reading affNIST's .mat files needs scipy (pip install scipy)") from None
+    try:
+        mat = loadmat(path)
+    except Exception as err:  # noqa: BLE001 - scipy's MatReadError, v7.3 (HDF5) files, truncated files, ...
+        raise DataError(f"{path}: not a readable MATLAB .mat file ({type(err).__name__}: {err}); download it again") from None
+    if "affNISTdata" not in mat:
+        found = ", ".join(k for k in mat if not k.startswith("__")) or "nothing"
+        raise DataError(f"{path}: no affNISTdata struct (holds {found}); is it an affNIST file?")
+    struct = np.asarray(mat["affNISTdata"])
+    image, label = _affnist_field(struct, "image", path), _affnist_field(struct, "label_int", path)
+    pixels = AFFNIST_SIZE * AFFNIST_SIZE
+    if image.ndim != 2 or image.shape[0] != pixels:
+        raise DataError(f"{path}: affNISTdata.image has shape {image.shape}, expected [{pixels}, N] (40x40 images)")
+    if image.dtype != np.uint8 and (image.min(initial=0) < 0 or image.max(initial=0) > 255):
+        raise DataError(f"{path}: affNISTdata.image holds values outside 0..255; download it again")
+    labels = label.reshape(-1)
+    if labels.size != image.shape[1]:
+        raise DataError(
+            f"{path}: {image.shape[1]} images but {labels.size} labels in affNISTdata.label_int; download it again"
+        )
+    images = np.ascontiguousarray(image.T).reshape(-1, AFFNIST_SIZE, AFFNIST_SIZE, 1).astype(np.uint8)
+    return images, labels.astype(np.int32)
+
+
+def load_affnist_mat(directory: Path, base: str) -> Arrays:
+    """affNIST's ``train`` or ``test`` split from ``directory`` (needs scipy): ``test.mat`` or the numbered batches
+    of ``test_batches/`` (or ``test/``); for ``train``, ``training_and_validation.mat`` / ``training.mat`` or the
+    batches of ``training_and_validation_batches/``, ``training_batches/`` (or ``train/``)."""
+    paths = _affnist_paths(directory, base)
+    parts = [read_affnist_mat(p) for p in paths]
+    images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    where = str(paths[0]) + (f" ... {paths[-1].name}" if len(paths) > 1 else "")
+    return images, labels, where

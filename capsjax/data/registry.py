@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capsjax.data import formats, synthetic, tfds
+from capsjax.data import canvas, formats, synthetic, tfds
 from capsjax.data.errors import DATA_ENV, HINT, DataError
 
 SPLITS = ("train", "test")
@@ -25,7 +25,7 @@ class DatasetSpec:
     """What :func:`load` knows about a dataset: its TFDS name, local file format and number of classes."""
 
     tfds_name: str
-    local_format: str  # "idx", "cifar10_bin", "svhn_mat" or "synthetic"
+    local_format: str  # "idx", "cifar10_bin", "svhn_mat", "affnist_mat", "affine_mnist" or "synthetic"
     num_classes: int
     idx_prefix: str = ""  # EMNIST's IDX files are named "emnist-<config>-train-images-idx3-ubyte.gz"
     transpose: bool = False  # EMNIST's IDX images are stored transposed
@@ -47,6 +47,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "emnist/mnist": _emnist("mnist", 10),
     "cifar10": DatasetSpec("cifar10", "cifar10_bin", 10),
     "svhn_cropped": DatasetSpec("svhn_cropped", "svhn_mat", 10),
+    "affnist": DatasetSpec("", "affnist_mat", 10),  # the official .mat files only: TFDS has no affNIST
+    "affine_mnist": DatasetSpec("", "affine_mnist", 10),  # generated from MNIST: an approximation of affNIST
     "synthetic": DatasetSpec("", "synthetic", 10),
 }
 """The dataset names :func:`load` accepts."""
@@ -57,7 +59,9 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None) -> tu
 
     Args:
       name: a key of :data:`DATASETS`: ``"mnist"``, ``"fashion_mnist"``, ``"kmnist"``, ``"emnist/<config>"``,
-        ``"cifar10"``, ``"svhn_cropped"`` or ``"synthetic"``.
+        ``"cifar10"``, ``"svhn_cropped"``, ``"affnist"`` (the official ``.mat`` files, 40x40), ``"affine_mnist"``
+        (MNIST under seeded affine transformations on 40x40, an approximation of affNIST built from the MNIST files:
+        :mod:`capsjax.data.canvas`) or ``"synthetic"``.
       split: ``"train"`` (all training examples, in file order) or ``"test"``. (The trainer holds its validation
         examples out of ``"train"`` itself: ``TrainConfig.validation_examples``.)
       data_dir: a directory of the dataset's original files (see :mod:`capsjax.data`), or a folder holding it as
@@ -75,11 +79,16 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None) -> tu
         raise DataError(f"unknown split {split!r} for dataset {name!r}; valid splits: {', '.join(SPLITS)}")
     if spec.local_format == "synthetic":
         return synthetic.load_synthetic(SYNTHETIC_SIZES[split], seed=0 if split == "train" else 1)
+    if spec.local_format == "affine_mnist":
+        return canvas.affine_mnist(*load("mnist", split, data_dir), split)
     directory = _given_dir(name, data_dir) if data_dir is not None else _default_dir(name)
     if directory is not None:
         images, labels, where = _load_local(name, spec, split, directory)
     else:
         searched = " or ".join(str(d) for d in _default_dirs(name))
+        if not spec.tfds_name:
+            raise DataError(f"{name}: no local copy in {searched}, and TFDS has no {name}; download its original "
+                            f"files, then {HINT}")  # fmt: skip
         images, labels, where = tfds.load_tfds(name, spec.tfds_name, split, searched)
     _check_labels(labels, spec.num_classes, f"{name} {split} labels in {where}")
     return images, labels
@@ -104,7 +113,7 @@ def _given_dir(name: str, data_dir: str | os.PathLike) -> Path:
     """``data_dir`` itself, or its ``<name>`` sub-folder when it is a root of several datasets (like $CAPSJAX_DATA)."""
     directory = Path(data_dir).expanduser()
     sub = directory / name.split("/")[0]
-    if sub.is_dir() and not any(directory.glob("*ubyte*")) and not any(directory.glob("*.bin")):
+    if sub.is_dir() and not any(any(directory.glob(pattern)) for pattern in ("*ubyte*", "*.bin", "*.mat")):
         return sub
     return directory
 
@@ -121,6 +130,8 @@ def _load_local(name: str, spec: DatasetSpec, split: str, directory: Path) -> fo
         return formats.load_idx_pair(directory, split, spec.tfds_name, spec.idx_prefix, spec.transpose)
     if spec.local_format == "cifar10_bin":
         return formats.load_cifar10_bin(directory, split)
+    if spec.local_format == "affnist_mat":
+        return formats.load_affnist_mat(directory, split)
     return formats.load_svhn_mat(directory, split)
 
 

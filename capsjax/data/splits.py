@@ -1,4 +1,9 @@
-"""The splits of a training run: train, validation (held out of train, or the test set) and test, from a config.
+"""The splits of a training run: train, validation (held out of train, or the test set) and test, from a config; and
+any split or other dataset for evaluating a run (:func:`load_eval_split`).
+
+With ``TrainConfig.canvas_size`` (expanded MNIST) the training digits stay at their own size (the train step places
+them on the canvas at random offsets, :func:`capsjax.data.augment.random_placement`) and the validation and test
+digits are placed at fixed, seeded offsets (:func:`capsjax.data.canvas.fixed_placement`), here and in evaluation.
 
 For ``dataset="multimnist"`` the training split holds the single digits that the training pairs are made from, on
 the fly, each epoch (:meth:`Datasets.train_batches`); validation and test are fixed pair sets (from the held-out
@@ -13,9 +18,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from capsjax.config import ConfigError, MultiMNISTConfig, TrainConfig
+from capsjax.data.canvas import fixed_placement
 from capsjax.data.multimnist import multimnist_batches, multimnist_pairs
 from capsjax.data.pipeline import batches
 from capsjax.data.registry import load
+
+DERIVED_FROM = {"affine_mnist": "mnist"}
+"""Datasets built from another one's files (read from the same ``data_dir``)."""
 
 _VALIDATION_SEED_TAG = 0x7A1  # the validation pairs' seed is [test_seed, tag]: apart from the test pairs
 
@@ -66,18 +75,30 @@ def pair_arrays(pairs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, n
     return pairs["images"], pairs["labels"], digits
 
 
+def _on_canvas(config: TrainConfig, images: np.ndarray, split: str) -> np.ndarray:
+    """``images`` at the fixed offsets of ``split`` on the config's canvas (unchanged without one)."""
+    if not config.canvas_size:
+        return images
+    h, w = images.shape[1:3]
+    if config.canvas_size < max(h, w):
+        raise ConfigError(f"canvas_size={config.canvas_size} is smaller than the {h}x{w} {config.dataset} images")
+    return fixed_placement(images, config.canvas_size, split)
+
+
 def load_datasets(config: TrainConfig) -> Datasets:
-    """Loads train and test; holds the last ``validation_examples`` training examples out; applies ``train_examples``
-    (for MultiMNIST, to the digits, then makes the fixed validation and test pairs)."""
+    """Loads train and test; holds the last ``validation_examples`` training examples out; applies ``train_examples``;
+    with ``canvas_size``, places the validation and test digits on the canvas at fixed offsets; for MultiMNIST, makes
+    the fixed validation and test pairs from the held-out and the test digits."""
     pairs = config.dataset == "multimnist"
     name = config.multimnist.digits if pairs else config.dataset
     images, labels = load(name, "train", config.data_dir)
-    test = load(name, "test", config.data_dir)
+    test_images, test_labels = load(name, "test", config.data_dir)
+    test = (_on_canvas(config, test_images, "test"), test_labels)
     held_out = config.validation_examples
     if held_out >= len(images):
         raise ConfigError(f"validation_examples={held_out} leaves no training data ({len(images)} examples)")
     if held_out:
-        validation = (images[-held_out:], labels[-held_out:])
+        validation = (_on_canvas(config, images[-held_out:], "validation"), labels[-held_out:])
         images, labels = images[:-held_out], labels[:-held_out]
     else:
         validation = test
@@ -102,8 +123,40 @@ def load_datasets(config: TrainConfig) -> Datasets:
     return Datasets((images, labels), validation_pairs, test_pairs, name, pairs=p, num_classes=num_classes)
 
 
+def load_eval_split(
+    config: TrainConfig, split: str = "test", data_dir: str | None = None, dataset: str | None = None
+) -> tuple[np.ndarray, ...]:
+    """The images and labels a run is evaluated on: ``split`` of the run's dataset, placed on its canvas as in
+    training (expanded MNIST), or of another ``dataset`` taken as it is (e.g. ``affine_mnist`` or ``affnist``, 40x40,
+    for a run trained on expanded MNIST). For a MultiMNIST run, its fixed ``"test"`` or ``"validation"`` pairs
+    ``(images, labels, digits)`` (:func:`load_datasets`). ``data_dir`` defaults to the run's for its dataset and the datasets built
+    from it. Raises :class:`ConfigError` if the images don't fit the run's model."""
+    name = dataset or config.dataset
+    if name == "multimnist" == config.dataset:  # its fixed pairs, as in training
+        if split not in ("test", "validation"):
+            raise ConfigError(f"MultiMNIST evaluates on its fixed 'test' or 'validation' pairs, not {split!r}")
+        datasets = load_datasets(config if data_dir is None else dataclasses.replace(config, data_dir=data_dir))
+        return datasets.test if split == "test" else datasets.validation
+    if data_dir is None and DERIVED_FROM.get(name, name) == config.dataset:
+        data_dir = config.data_dir
+    images, labels = load(name, split, data_dir)
+    if name == config.dataset:
+        images = _on_canvas(config, images, split)
+    expected = tuple(config.model.image_shape)
+    if tuple(images.shape[1:]) != expected:
+        hint = " (train on expanded MNIST, --preset expanded_mnist, for 40x40 sets)" if images.shape[1] == 40 else ""
+        raise ConfigError(
+            f"{name} {split} images are {'x'.join(map(str, images.shape[1:]))}, but the run's model takes "
+            f"{'x'.join(map(str, expected))}{hint}"
+        )
+    if labels.size and labels.max() >= config.model.num_classes:
+        raise ConfigError(f"{name} has labels up to {labels.max()}, the run's model {config.model.num_classes} classes")
+    return images, labels
+
+
 def adapt_model_to_data(config: TrainConfig, datasets: Datasets) -> TrainConfig:
-    """Takes the image shape and the class count from the data when the config's differ (e.g. CIFAR-10)."""
+    """Takes the image shape (of the test images: on the canvas for expanded MNIST, for MultiMNIST the pairs') and
+    the class count from the data when the config's differ (e.g. CIFAR-10)."""
     shape = datasets.image_shape
     labels = np.concatenate([datasets.train[1].reshape(-1), datasets.test[1].reshape(-1)])
     num_classes = int(labels.max()) + 1 if datasets.pairs is None else datasets.test[1].shape[-1]
@@ -115,15 +168,3 @@ def adapt_model_to_data(config: TrainConfig, datasets: Datasets) -> TrainConfig:
     except ValueError as err:
         raise ConfigError(f"the model does not fit {config.dataset} images of shape {shape}: {err}") from None
     return dataclasses.replace(config, model=model)
-
-
-def load_split(config: TrainConfig, split: str) -> tuple[np.ndarray, ...]:
-    """One split of a run's data for evaluation: ``load(dataset, split)`` (``"train"`` or ``"test"``), or for
-    MultiMNIST the fixed ``"test"`` or ``"validation"`` pairs as :func:`load_datasets` makes them
-    (``(images, labels, digits)``)."""
-    if config.dataset != "multimnist":
-        return load(config.dataset, split, config.data_dir)
-    if split not in ("test", "validation"):
-        raise ConfigError(f"MultiMNIST evaluates on its fixed 'test' or 'validation' pairs, not {split!r}")
-    datasets = load_datasets(config)
-    return datasets.test if split == "test" else datasets.validation
