@@ -4,8 +4,8 @@ The public API: the pure capsule functions (:func:`squash`, :func:`safe_norm`, :
 :func:`dynamic_routing`, :func:`margin_loss`, :func:`reconstruction_loss`, :func:`mask_capsules`), the Flax NNX modules
 (:class:`CapsNet` and its layers, the baseline :class:`BaselineCNN`, :func:`build_model` and the registry
 :data:`MODELS`, :class:`ModelConfig`), :func:`train_and_evaluate` (``capsjax.train``) and
-:func:`predict` (``capsjax.evaluate``), and the submodules ``capsjax.config``, ``capsjax.data``, ``capsjax.evaluate``
-and ``capsjax.viz``. Each is imported on first use, so ``import capsjax`` loads nothing but this file, and
+:func:`predict` (``capsjax.evaluate``), and the submodules ``capsjax.config``, ``capsjax.data``, ``capsjax.evaluate``,
+``capsjax.scoring`` (k-object set scoring) and ``capsjax.viz``. Each is imported on first use, so ``import capsjax`` loads nothing but this file, and
 ``import capsjax.config`` (the settings, a leaf) loads neither JAX nor Flax; JAX and Flax come with the first
 function or module used, Orbax, Optax, TensorFlow Datasets and matplotlib only with the trainer, the evaluator, the
 data package and the figures.
@@ -17,7 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from capsjax import config, data, evaluate, fast, layers, model, ops, viz  # noqa: F401
+    from capsjax import config, data, evaluate, fast, layers, model, ops, scoring, viz  # noqa: F401
     from capsjax.config import ModelConfig
     from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules
     from capsjax.baseline import BaselineCNN, CNNOutput
@@ -39,7 +39,7 @@ _EXPORTS = {
     "capsjax.train": ("train_and_evaluate",),
     "capsjax.evaluate": ("predict",),
 }  # fmt: skip
-_SUBMODULES = ("ops", "layers", "model", "baseline", "fast", "config", "data", "evaluate", "viz")
+_SUBMODULES = ("ops", "layers", "model", "baseline", "fast", "config", "data", "evaluate", "scoring", "viz")
 
 __all__ = [name for names in _EXPORTS.values() for name in names]  # noqa: PLE0605 (built from the table above)
 

@@ -452,3 +452,30 @@ def test_multimnist_cli_train_then_eval(tmp_path, mnist_dir):
     assert metrics["dataset"] == "multimnist" and metrics["count"] == 40
     assert np.asarray(metrics["confusion"]).sum() == 80 and metrics["accuracy"] <= metrics["almost_accuracy"]
     assert (work / "multimnist.png").stat().st_size > 5000
+
+
+def test_fig5_overlay_and_figure(tmp_path):
+    from capsjax import viz
+
+    first, second = np.zeros((1, 4, 4, 1), np.float32), np.zeros((1, 4, 4, 1), np.float32)
+    first[0, 0, 0], second[0, 0, 1], first[0, 1, 1], second[0, 1, 1] = 1.0, 1.0, 0.5, 0.5
+    rgb = viz.overlay_pair(first, second)
+    assert rgb.shape == (1, 4, 4, 3)
+    np.testing.assert_array_equal(rgb[0, 0, 0], [1, 0, 0])  # the first digit red
+    np.testing.assert_array_equal(rgb[0, 0, 1], [0, 1, 0])  # the second green
+    np.testing.assert_array_equal(rgb[0, 1, 1], [0.5, 0.5, 0])  # both: yellow
+    images, labels, digits = _pairs(3)
+    recon = digits.astype(np.float32) / 255
+    true = np.sort(np.argsort(-labels, axis=1, kind="stable")[:, :2], axis=1)
+    groups = [
+        {"title": "correct", "images": images, "reconstructions": recon, "labels": true, "shown": true},
+        {"title": "wrong", "images": images[:0], "reconstructions": recon[:0], "labels": true[:0], "shown": true[:0]},
+        {"title": "probe", "images": images[:2], "reconstructions": recon[:2], "labels": true[:2], "shown": true[:2],
+         "prefix": "R*"},
+    ]  # fmt: skip
+    path = viz.plot_multidigit(groups, tmp_path / "fig5.png")
+    assert path.stat().st_size > 2000
+    with pytest.raises(ValueError, match="non-empty"):
+        viz.plot_multidigit(groups[1:2], tmp_path / "none.png")
+    with pytest.raises(ValueError, match="one shape"):
+        viz.overlay_pair(first, second[:, :2])
