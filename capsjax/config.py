@@ -87,7 +87,8 @@ class ModelConfig:
         check_kernels(self.kernels)  # "auto" is resolved in the layers: here it would start JAX's backend
         if self.arch == "capsnet":
             self.primary_grid  # raises if the convolution kernels do not fit the image
-        if not self.cnn_channels or min(self.cnn_channels) < 1 or self.cnn_kernel < 1 or min(self.cnn_hidden, default=1) < 1:
+        sizes = (*self.cnn_channels, self.cnn_kernel, *self.cnn_hidden)
+        if not self.cnn_channels or min(sizes) < 1:
             raise ValueError("cnn_channels (at least one), cnn_kernel and cnn_hidden must be positive")
         if not 0.0 <= self.cnn_dropout < 1.0:
             raise ValueError(f"cnn_dropout must lie in [0, 1), got {self.cnn_dropout}")
@@ -197,7 +198,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_shift < 0 or self.validation_examples < 0 or self.safe_checkpoint_margin < 0 or self.canvas_size < 0:
+        counts = (self.max_shift, self.validation_examples, self.safe_checkpoint_margin, self.canvas_size)
+        if min(counts) < 0:
             raise ConfigError("max_shift, validation_examples, safe_checkpoint_margin and canvas_size must be >= 0")
         if self.canvas_size and self.max_shift:
             raise ConfigError(

@@ -185,8 +185,8 @@ def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 100):
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = _unit_images(images, tuple(run.config.model.image_shape))
     if len(images) == 0:
-        n = run.steps.mesh.size
-        shapes = jax.eval_shape(run.steps.predict, run.params, jax.ShapeDtypeStruct((n, *images.shape[1:]), images.dtype))
+        batch = jax.ShapeDtypeStruct((run.steps.mesh.size, *images.shape[1:]), images.dtype)
+        shapes = jax.eval_shape(run.steps.predict, run.params, batch)
         return jax.tree.map(lambda s: np.zeros((0, *s.shape[1:]), s.dtype), shapes)
     return predict_arrays(run.steps, run.params, images, batch_size)
 

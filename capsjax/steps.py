@@ -20,7 +20,8 @@ from capsjax import ops, scoring
 from capsjax.config import LossConfig, ModelConfig, OptimConfig
 from capsjax.model import build_model
 
-_MODEL_KEY = 0x6D6F  # the model's training key (dropout) is fold_in(step key, _MODEL_KEY); augmentation takes the step key
+# The model's training key (dropout) is fold_in(step key, _MODEL_KEY); the augmentation takes the step key itself.
+_MODEL_KEY = 0x6D6F
 
 
 # How many steps the host may dispatch ahead of the devices. Two keep an accelerator's queue full; an unbounded queue
