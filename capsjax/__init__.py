@@ -6,8 +6,9 @@ algorithms behind one interface (``capsjax.routing``: dynamic, EM, inverted dot-
 the Flax NNX modules (:class:`CapsNet` and its layers, :class:`CapsuleLayer` that takes a routing algorithm by name,
 :class:`EfficientCapsNet`, the baseline :class:`BaselineCNN`, :func:`build_model` and the registry :data:`MODELS`,
 :class:`ModelConfig`), :func:`train_and_evaluate` (``capsjax.train``) and
-:func:`predict` (``capsjax.evaluate``), and the submodules ``capsjax.config``, ``capsjax.data``, ``capsjax.evaluate``
-and ``capsjax.viz``. Each is imported on first use, so ``import capsjax`` loads nothing but this file, and
+:func:`predict` (``capsjax.evaluate``), and the submodules ``capsjax.config``, ``capsjax.data``, ``capsjax.evaluate``,
+``capsjax.scoring`` (k-object set scoring) and ``capsjax.viz``. Each is imported on first use, so ``import capsjax``
+loads nothing but this file, and
 ``import capsjax.config`` (the settings, a leaf) loads neither JAX nor Flax; JAX and Flax come with the first
 function or module used, Orbax, Optax, TensorFlow Datasets and matplotlib only with the trainer, the evaluator, the
 data package and the figures.
@@ -19,7 +20,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from capsjax import config, data, evaluate, fast, layers, model, ops, routing, routing_layers, viz  # noqa: F401
+    from capsjax import config, data, evaluate, fast, layers, model, ops, routing, routing_layers, scoring, viz  # noqa
     from capsjax.config import ModelConfig
     from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules
     from capsjax.baseline import BaselineCNN, CNNOutput
@@ -46,7 +47,7 @@ _EXPORTS = {
     "capsjax.evaluate": ("predict",),
 }  # fmt: skip
 _SUBMODULES = ("ops", "routing", "layers", "routing_layers", "model", "baseline", "efficient_capsnet", "fast", "config",
-               "data", "evaluate", "viz")
+               "data", "evaluate", "scoring", "viz")
 
 __all__ = [name for names in _EXPORTS.values() for name in names]  # noqa: PLE0605 (built from the table above)
 

@@ -70,7 +70,9 @@ class BaselineCNN(nnx.Module):
         self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
         self.out = nnx.Linear(widths[-1], config.num_classes, rngs=rngs)
 
-    def __call__(self, images: jax.Array, targets: jax.Array | None = None, *, key: jax.Array | None = None) -> CNNOutput:
+    def __call__(
+        self, images: jax.Array, targets: jax.Array | None = None, *, key: jax.Array | None = None
+    ) -> CNNOutput:
         """``targets`` are not used (the contract passes them); ``key`` switches dropout on (training)."""
         expected = tuple(self.config.image_shape)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:

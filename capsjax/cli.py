@@ -190,7 +190,8 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
     source.add_argument("--weights", metavar="FILE.safetensors",
                         help="a weights file (python -m capsjax.weights export) instead of a work directory; "
                         "figures and eval JSON go beside it unless --out-dir is given")  # fmt: skip
-    parser.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
+    parser.add_argument("--split", default="test",
+                        help="dataset split to evaluate (default: test; MultiMNIST: test or validation pairs)")  # fmt: skip
     parser.add_argument("--dataset", default=None,
                         help="evaluate on another dataset than the run's: affine_mnist (an approximation of affNIST, "
                         "built from the MNIST files) or affnist (the official .mat files, with --data-dir), for a run "
@@ -242,11 +243,19 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
     if "note" in metrics:
         print(f"note: {metrics['note']}")
     named = metrics["dataset"] + (" (an approximation of affNIST)" if metrics["dataset"] == "affine_mnist" else "")
-    print(
-        f"{named} {metrics['split']}: accuracy {100 * metrics['accuracy']:.2f}% "
-        f"(error {100 * metrics['error_rate']:.2f}%), loss {metrics['loss']:.4f}, {metrics['count']} examples, "
-        f"{metrics['checkpoint']} checkpoint at step {metrics['step']}"
-    )
+    if "almost_accuracy" in metrics:  # k objects per image (MultiMNIST): scored as a set
+        print(
+            f"{named} {metrics['split']}: exact-set accuracy {100 * metrics['accuracy']:.2f}% "
+            f"(error {100 * metrics['error_rate']:.2f}%), almost-correct {100 * metrics['almost_accuracy']:.2f}%, "
+            f"loss {metrics['loss']:.4f}, {metrics['count']} images, {metrics['checkpoint']} checkpoint at step "
+            f"{metrics['step']}\nper-digit confusion (each true digit once):"
+        )
+    else:
+        print(
+            f"{named} {metrics['split']}: accuracy {100 * metrics['accuracy']:.2f}% "
+            f"(error {100 * metrics['error_rate']:.2f}%), loss {metrics['loss']:.4f}, {metrics['count']} examples, "
+            f"{metrics['checkpoint']} checkpoint at step {metrics['step']}"
+        )
     if "confusion" in metrics:
         print(format_confusion(metrics["confusion"]))
     for path in metrics.get("figures", []):

@@ -39,19 +39,28 @@ def evaluate_arrays(
     labels: np.ndarray,
     batch_size: int,
     should_stop: Callable[[], bool] | None = None,
+    *,
+    digits: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Mean loss terms (the model's), accuracy, error rate and, for int labels, per-class accuracy and the confusion
     matrix (rows: true class) over all ``images`` [N, H, W, C] (uint8 or float in [0, 1]) and ``labels`` (int [N], or
     k-hot [N, K], scored by :func:`capsjax.steps.correct_predictions`).
 
+    For k-object images (MultiMNIST) ``labels`` are k-hot [N, K] and ``digits`` [N, k, H, W, C] the objects alone
+    (ascending class order): ``accuracy`` is then the exact-set accuracy (both digits right), ``error_rate`` its
+    complement (the paper's MultiMNIST error), ``almost_accuracy`` the share with at least one digit right, and the
+    confusion matrix the per-digit one (:func:`capsjax.scoring.pair_confusion`).
+
     ``should_stop()`` is polled between batches; raises :class:`StopRequested` when it returns True."""
     sharding = steps.data_sharding
     totals, dispatched = None, []
     labels = labels.astype(np.int32) if labels.ndim == 1 else labels.astype(np.float32)
-    for mask, x, y in padded_batches((images, labels), _device_multiple(batch_size, steps)):
+    arrays = (images, labels) if digits is None else (images, labels, digits)
+    for mask, x, y, *d in padded_batches(arrays, _device_multiple(batch_size, steps)):
         if should_stop is not None and should_stop():
             raise StopRequested
-        sums = steps.evaluate(params, global_batch(sharding, x), global_batch(sharding, y), global_batch(sharding, mask))
+        inputs = [global_batch(sharding, a) for a in (x, y, mask, *d)]
+        sums = steps.evaluate(params, *inputs)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         dispatched = [*dispatched[-MAX_IN_FLIGHT:], totals]
         wait_for_queue(dispatched)
@@ -61,6 +70,8 @@ def evaluate_arrays(
     result = {k: float(v) / count for k, v in totals.items() if k not in tables}  # the model's loss terms
     result["accuracy"] = float(totals["correct"]) / count
     result["error_rate"] = 1.0 - result["accuracy"]
+    if "almost" in totals:
+        result["almost_accuracy"] = float(totals["almost"]) / count
     result["count"] = int(count)
     if "confusion" in totals:
         confusion = np.asarray(totals["confusion"], np.int64)
@@ -110,7 +121,7 @@ def load_run(workdir: str | Path, which: str = "best", log=print) -> Run:
     config = load_config(workdir / "config.json")
     mesh = default_mesh()
     graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
-    steps = make_steps(graphdef, config.optim, config.loss, mesh=mesh)
+    steps = make_steps(graphdef, config.optim, config.loss, mesh=mesh, num_targets=config.model.num_targets)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     try:
         available = checkpoints.all_steps()
@@ -192,8 +203,8 @@ def predict(run: Run | str | Path, images: np.ndarray, batch_size: int = 100):
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = _unit_images(images, tuple(run.config.model.image_shape))
     if len(images) == 0:
-        n = run.steps.mesh.size
-        shapes = jax.eval_shape(run.steps.predict, run.params, jax.ShapeDtypeStruct((n, *images.shape[1:]), images.dtype))
+        batch = jax.ShapeDtypeStruct((run.steps.mesh.size, *images.shape[1:]), images.dtype)
+        shapes = jax.eval_shape(run.steps.predict, run.params, batch)
         return jax.tree.map(lambda s: np.zeros((0, *s.shape[1:]), s.dtype), shapes)
     return predict_arrays(run.steps, run.params, images, batch_size)
 
@@ -258,9 +269,9 @@ def evaluate_workdir(
     config = run.config
     own = dataset is None or dataset == config.dataset
     name = config.dataset if own else dataset
-    images, labels = datalib.load_eval_split(config, split, data_dir, None if own else name)
+    images, labels, *digits = datalib.load_eval_split(config, split, data_dir, None if own else name)
     batch_size = batch_size or config.eval_batch_size
-    metrics = evaluate_arrays(run.steps, run.params, images, labels, batch_size)
+    metrics = evaluate_arrays(run.steps, run.params, images, labels, batch_size, digits=digits[0] if digits else None)
     metrics.update(split=split, checkpoint=run.which, step=run.step, dataset=name)
     if name in DATASET_NOTES:
         metrics["note"] = DATASET_NOTES[name]
@@ -304,10 +315,14 @@ def _figures(run: Run, images, labels, metrics, workdir: Path, out_dir: Path) ->
     sample = images[:10]
     out = predict(run, sample)
     predictions = class_scores(run, out).argmax(-1)
-    if getattr(out, "reconstructions", None) is not None:
+    recon = getattr(out, "reconstructions", None)
+    if recon is not None and recon.ndim == 5:  # k objects per image
+        paths.append(viz.plot_multidigit(multidigit_groups(run, images, labels), out_dir / "multimnist.png"))
+    elif recon is not None:
         paths.append(
             viz.plot_reconstructions(sample, out.reconstructions, labels[:10], predictions, out_dir / "reconstructions.png")
         )
+    if recon is not None:
         first = out.capsules[0]
         paths.append(
             viz.plot_pose_grid(lambda c: decode(run, c), first, int(predictions[0]), out_dir / "pose_grid.png")
@@ -318,3 +333,43 @@ def _figures(run: Run, images, labels, metrics, workdir: Path, out_dir: Path) ->
     if metrics_file.exists() and metrics_file.stat().st_size:
         paths.append(viz.plot_training_curves(metrics_file, out_dir / "training_curves.png"))
     return paths
+
+
+def _top_classes(scores: np.ndarray, k: int) -> np.ndarray:
+    """The k highest-scoring classes in ascending class order, ties to the lower index (as the eval step)."""
+    return np.sort(np.argsort(-scores, axis=-1, kind="stable")[:, :k], axis=-1)
+
+
+def _decode_pairs(run: Run, capsules: np.ndarray, classes: np.ndarray, image_shape) -> np.ndarray:
+    """Reconstructions [n, 2, H, W, C] of ``classes`` [n, 2] from each example's capsules [n, K, D], one class at a
+    time."""
+    n, k, d = capsules.shape
+    if n == 0:
+        return np.zeros((0, 2, *image_shape), np.float32)
+    masked = capsules[:, None] * (np.arange(k) == classes[..., None])[..., None]  # [n, 2, K, D]
+    return decode(run, masked.reshape(2 * n, k, d)).reshape(n, 2, *image_shape)
+
+
+def multidigit_groups(run: Run, images: np.ndarray, labels: np.ndarray, count: int = 8, pool: int = 400) -> list:
+    """The groups of :func:`capsjax.viz.plot_multidigit` (the paper's Fig. 5) from the first ``pool`` two-digit
+    ``images`` and their two-hot ``labels``: ``count`` correctly classified ones (R: reconstructed from the two
+    longest capsules, which are the labels); ``count`` wrong ones, reconstructed from the labels (R) and, below, from
+    the prediction (P); and the probe (R*): correct ones reconstructed from their lower true class and from the most
+    active class that is in the image neither as label nor as prediction."""
+    images, labels = images[:pool], np.asarray(labels[:pool])
+    out = predict(run, images)
+    predicted, true = _top_classes(out.lengths, 2), _top_classes(labels, 2)
+    correct = (predicted == true).all(axis=1)
+    right, wrong = np.flatnonzero(correct)[:count], np.flatnonzero(~correct)[:count]
+    shape = images.shape[1:]
+    absent = np.where(labels[right] > 0.5, -np.inf, out.lengths[right])
+    probe = np.stack([true[right, 0], absent.argmax(axis=1)], axis=1)  # [n, 2]: a true class, an absent one
+    group = lambda title, i, recon, shown, **kw: {  # noqa: E731
+        "title": title, "images": images[i], "reconstructions": recon, "labels": true[i], "shown": shown, **kw
+    }  # fmt: skip
+    return [
+        group("correct", right, out.reconstructions[right], predicted[right]),
+        group("wrong", wrong, _decode_pairs(run, out.capsules[wrong], true[wrong], shape), true[wrong]),
+        group("wrong", wrong, out.reconstructions[wrong], predicted[wrong], prefix="P", show_input=False),
+        group("probe", right, _decode_pairs(run, out.capsules[right], probe, shape), probe, prefix="R*"),
+    ]

@@ -31,6 +31,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from flax import nnx
 
 from capsjax import ops
@@ -45,14 +46,17 @@ class CapsNetOutput(NamedTuple):
 
     capsules: jax.Array  # [B, num_classes, class_dim]
     lengths: jax.Array  # [B, num_classes], the class probabilities (the routing's activations, see ModelConfig.routing)
-    reconstructions: jax.Array | None  # [B, H, W, C] in [0, 1], None without decoder
+    reconstructions: jax.Array | None  # [B, H, W, C] in [0, 1] ([B, k, H, W, C] for k targets), None without decoder
 
 
 class CapsNet(nnx.Module):
     """The three-layer CapsNet with its reconstruction decoder.
 
     Call with images ``[B, H, W, C]`` (float in ``[0, 1]``) and, in training, the integer labels ``[B]``: the decoder
-    then reconstructs from the labelled capsule; without labels it uses the predicted one (the longest capsule).
+    then reconstructs from the labelled capsule; without labels it uses the predicted one (the longest capsule). With
+    ``config.num_targets = k > 1`` (MultiMNIST) the labels are k-hot ``[B, K]`` and the decoder runs once per object
+    (:func:`reconstruct_each`): from each labelled capsule in training, from each of the k highest-scoring at
+    inference.
 
     ``config.routing`` chooses the class capsules' routing (:mod:`capsjax.routing`); every other layer stays the
     paper's, except that with ``"em"`` the primary capsules are pose matrices with activations
@@ -152,9 +156,13 @@ class CapsNet(nnx.Module):
         capsules, lengths = self._route(images)
         reconstructions = None
         if self.decoder is not None:
-            if labels is None and self.config.routing != "dynamic":
-                labels = jnp.argmax(lengths, axis=-1)  # the predicted class (for dynamic routing, the longest capsule)
-            reconstructions = self.decoder(ops.mask_capsules(capsules, labels))
+            k = self.config.num_targets
+            if k == 1:
+                if labels is None and self.config.routing != "dynamic":
+                    labels = jnp.argmax(lengths, axis=-1)  # the predicted class (dynamic routing: the longest capsule)
+                reconstructions = self.decoder(ops.mask_capsules(capsules, labels))
+            else:
+                reconstructions = reconstruct_each(self.decoder, capsules, lengths if labels is None else labels, k)
         return CapsNetOutput(capsules, lengths, reconstructions)
 
     def per_example_losses(
@@ -197,6 +205,20 @@ def build_model(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     except KeyError:
         raise ValueError(f"unknown model arch {config.arch!r}; choose one of: {', '.join(MODELS)}") from None
     return builder(config, rngs=rngs)
+
+
+def reconstruct_each(decoder: Decoder, capsules: jax.Array, scores: jax.Array, k: int) -> jax.Array:
+    """One reconstruction per object of a k-object image (MultiMNIST), with the one shared ``decoder``.
+
+    The ``k`` classes with the highest ``scores`` ``[B, K]`` (k-hot targets in training, the capsule lengths at
+    inference) are taken in ascending class order; reconstruction ``j`` is decoded from the capsules masked to
+    keep the ``j``-th of them only. Returns ``[B, k, H, W, C]``.
+    """
+    classes = jnp.sort(lax.top_k(scores, k)[1], axis=-1)  # [B, k]
+    b, n, d = capsules.shape
+    masked = capsules[:, None] * jax.nn.one_hot(classes, n, dtype=capsules.dtype)[..., None]  # [B, k, K, D]
+    images = decoder(masked.reshape(b * k, n, d))
+    return images.reshape(b, k, *images.shape[1:])
 
 
 def count_params(model: nnx.Module) -> int:

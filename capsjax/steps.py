@@ -7,6 +7,7 @@ step, base key), so the steps are plain functions of pytrees that ``jax.jit`` sh
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -15,11 +16,12 @@ import optax
 from flax import nnx, struct
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from capsjax import ops
+from capsjax import ops, scoring
 from capsjax.config import LossConfig, ModelConfig, OptimConfig
 from capsjax.model import build_model
 
-_MODEL_KEY = 0x6D6F  # the model's training key (dropout) is fold_in(step key, _MODEL_KEY); augmentation takes the step key
+# The model's training key (dropout) is fold_in(step key, _MODEL_KEY); the augmentation takes the step key itself.
+_MODEL_KEY = 0x6D6F
 
 
 # How many steps the host may dispatch ahead of the devices. Two keep an accelerator's queue full; an unbounded queue
@@ -70,23 +72,22 @@ def to_unit_float(images: jax.Array) -> jax.Array:
 
 def correct_predictions(scores: jax.Array, targets: jax.Array) -> jax.Array:
     """Per example ``[B]`` (bool): the argmax of ``scores`` [B, K] is the int label ``targets`` [B]; or, for k-hot
-    ``targets`` [B, K], the k highest scores are exactly the k target classes (ties at the k-th score count as
-    chosen)."""
+    ``targets`` [B, K], the k highest scores are exactly the k target classes, ties going to the lower class index
+    as in the authors' ``top_k`` (:func:`capsjax.scoring.khot_exact_and_almost`)."""
     if targets.ndim == scores.ndim - 1:
         return jnp.argmax(scores, axis=-1) == targets
-    wanted = targets > 0.5
-    k = jnp.sum(wanted, axis=-1, keepdims=True)
-    ranked = jnp.sort(scores, axis=-1)[..., ::-1]
-    kth = jnp.take_along_axis(ranked, jnp.maximum(k - 1, 0), axis=-1)
-    return jnp.all((scores >= kth) == wanted, axis=-1)
+    return scoring.khot_exact_and_almost(scores, targets)[0]
 
 
 def compute_losses(model, output, images: jax.Array, targets: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
     """Batch means of ``model.per_example_losses`` and the accuracy (:func:`correct_predictions`): the train step's
-    metrics."""
+    metrics; for k-hot targets also the almost-correct rate (at least one of the k classes among the top k)."""
     terms = model.per_example_losses(output, images, targets, config)
     metrics = {name: jnp.mean(term) for name, term in terms.items()}
-    metrics["accuracy"] = jnp.mean(correct_predictions(model.class_scores(output), targets).astype(jnp.float32))
+    scores = model.class_scores(output)
+    metrics["accuracy"] = jnp.mean(correct_predictions(scores, targets).astype(jnp.float32))
+    if targets.ndim == scores.ndim:
+        metrics["almost_accuracy"] = jnp.mean(scoring.khot_exact_and_almost(scores, targets)[1].astype(jnp.float32))
     return metrics
 
 
@@ -97,6 +98,8 @@ class Steps:
     ``train(state, images, labels) -> (state, metrics)``, ``evaluate(params, images, labels, mask) -> sums`` and
     ``predict(params, images) -> output`` (the model's output tuple) take uint8 or float images ``[B, H, W, C]``,
     int labels ``[B]`` or k-hot targets ``[B, K]``, and a 0/1 mask ``[B]``, sharded along the mesh's ``data`` axis.
+    For ``num_targets = k > 1`` (MultiMNIST) ``train`` and ``evaluate`` take one more argument, ``digits``
+    ``[B, k, H, W, C]``: each object alone, in ascending class order, the targets of the k reconstructions.
     """
 
     graphdef: Any
@@ -148,8 +151,9 @@ def make_steps(
     max_shift: int = 0,
     mesh: Mesh | None = None,
     augment: Callable | None = None,
+    num_targets: int = 1,
 ) -> Steps:
-    """Compiles the train, eval and predict steps.
+    """Compiles the train, eval and predict steps (``num_targets``: the model's, see :class:`Steps`).
 
     ``augment(key, images) -> images`` (float images in [0, 1]) runs inside the train step with the per-step key
     ``fold_in(state.key, state.step)``; by default it is the random shift of up to ``max_shift`` pixels. The model
@@ -164,18 +168,20 @@ def make_steps(
         def augment(key, images):
             return random_shift(key, images, max_shift)
 
-    def loss_fn(params, images, labels, key):
+    def loss_fn(params, images, labels, recon_targets, key):
         model = nnx.merge(graphdef, params)
-        metrics = compute_losses(model, model(images, labels, key=key), images, labels, loss_config)
+        metrics = compute_losses(model, model(images, labels, key=key), recon_targets, labels, loss_config)
         return metrics["loss"], (metrics, nnx.state(model, nnx.BatchStat))  # running statistics the call updated
 
-    def train_step(state: TrainState, images, labels):
+    def train_step(state: TrainState, images, labels, digits=None):
         images = to_unit_float(images)
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         if augment is not None:
             images = augment(step_key, images)
         model_key = jax.random.fold_in(step_key, _MODEL_KEY)
-        grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params, images, labels, model_key)
+        recon_targets = images if digits is None else to_unit_float(digits)
+        loss_args = (state.params, images, labels, recon_targets, model_key)
+        grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(*loss_args)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes its int32 count with float32 moments
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
         # Batch statistics get zero gradients (so zero Adam updates) and take the values the forward pass computed.
@@ -184,22 +190,30 @@ def make_steps(
         metrics["grad_norm"] = optax.tree.norm(grads)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    def eval_step(params, images, labels, mask):
+    def eval_step(params, images, labels, mask, digits=None):
         """Sums over the examples where ``mask`` is 1 (padding has 0), without targets (CapsNet decodes the predicted
-        class): loss terms, correct count and, for int labels, the confusion matrix."""
+        class, or the k predicted classes): loss terms (the reconstructions scored against ``digits`` when given),
+        correct count, for k-hot labels the almost-correct count, and the confusion matrix (for k-hot labels the
+        per-digit one, :func:`capsjax.scoring.pair_confusion`)."""
         images = to_unit_float(images)
         model = nnx.merge(graphdef, params)
         out = model(images)
         scores = model.class_scores(out)
         weight = mask.astype(jnp.float32)
-        terms = model.per_example_losses(out, images, labels, loss_config)
+        terms = model.per_example_losses(out, images if digits is None else to_unit_float(digits), labels, loss_config)
         sums = {name: jnp.sum(term * weight) for name, term in terms.items()}
         sums["correct"] = jnp.sum(jnp.where(correct_predictions(scores, labels), weight, 0.0))
         sums["count"] = jnp.sum(weight)
+        num_classes = scores.shape[-1]
         if labels.ndim == 1:
-            num_classes, preds = scores.shape[-1], jnp.argmax(scores, axis=-1)
+            preds = jnp.argmax(scores, axis=-1)
             confusion = jnp.zeros((num_classes, num_classes), jnp.int32)
             sums["confusion"] = confusion.at[labels, preds].add(mask.astype(jnp.int32))
+        else:
+            sums["almost"] = jnp.sum(jnp.where(scoring.khot_exact_and_almost(scores, labels)[1], weight, 0.0))
+            if num_targets > 1:  # every example has num_targets classes
+                preds, classes = (scoring.top_k_classes(s, num_targets) for s in (scores, labels))
+                sums["confusion"] = scoring.pair_confusion(preds, classes, num_classes, mask)
         return sums
 
     def predict_step(params, images):
@@ -208,15 +222,18 @@ def make_steps(
 
     data = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
+    digits = (data,) if num_targets > 1 else ()  # the k-object steps take the objects' images too
+    if num_targets == 1:
+        train_step, eval_step = functools.partial(train_step, digits=None), functools.partial(eval_step, digits=None)
     return Steps(
         graphdef=graphdef,
         mesh=mesh,
         train=jax.jit(
             train_step,
-            in_shardings=(replicated, data, data),
+            in_shardings=(replicated, data, data, *digits),
             out_shardings=(replicated, replicated),
             donate_argnums=0,
         ),
-        evaluate=jax.jit(eval_step, in_shardings=(replicated, data, data, data), out_shardings=replicated),
+        evaluate=jax.jit(eval_step, in_shardings=(replicated, data, data, data, *digits), out_shardings=replicated),
         predict=jax.jit(predict_step, in_shardings=(replicated, data), out_shardings=data),
     )

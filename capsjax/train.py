@@ -97,7 +97,9 @@ def train_and_evaluate(
         graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
         run = _open_run(config, workdir, datasets, steps_per_epoch, state, should_stop)
         augment = datalib.train_augmentation(config.max_shift, config.canvas_size)
-        steps = make_steps(graphdef, config.optim, config.loss, augment=augment, mesh=mesh)  # 4. steps
+        steps = make_steps(
+            graphdef, config.optim, config.loss, augment=augment, mesh=mesh, num_targets=config.model.num_targets
+        )  # 4. steps
         try:
             _loop(run, steps)  # 5. the loop
             return _end_of_run(run, steps)  # 6. end of run
@@ -134,7 +136,9 @@ def _open_run(config, workdir, datasets, steps_per_epoch, state, should_stop) ->
     if step:
         run.console.write(f"resuming from step {step} (epoch {step / steps_per_epoch:.2f}) in {workdir}")
     run.console.write(
-        f"training on {len(datasets.train[0])} {config.dataset} images, {steps_per_epoch} steps/epoch x "
+        f"training on {len(datasets.train[0])} {config.dataset} "
+        + ("images" if datasets.pairs is None else "digits as bases of new pairs each epoch")
+        + f", {steps_per_epoch} steps/epoch x "
         f"{config.epochs} epochs, batch {config.batch_size} over {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s) in {jax.process_count()} process(es)"
     )
@@ -142,11 +146,11 @@ def _open_run(config, workdir, datasets, steps_per_epoch, state, should_stop) ->
 
 
 # ---- 5. the loop
-def _epoch_batches(run: _Run, steps: Steps) -> Iterator[tuple[jax.Array, jax.Array]]:
-    """The current epoch's global batches from the first one not yet trained, prefetched onto the devices."""
+def _epoch_batches(run: _Run, steps: Steps) -> Iterator[tuple[jax.Array, ...]]:
+    """The current epoch's global batches from the first one not yet trained, prefetched onto the devices:
+    ``(images, labels)``, or ``(images, labels, digits)`` for MultiMNIST (:meth:`Datasets.train_batches`)."""
     epoch, done = divmod(run.step, run.steps_per_epoch)
-    images, labels = run.datasets.train
-    local = datalib.batches(images, labels, run.config.batch_size, seed=run.config.seed, epoch=epoch)
+    local = run.datasets.train_batches(run.config.batch_size, seed=run.config.seed, epoch=epoch)
     for _ in range(done):
         next(local)
     return datalib.prefetch_to_device(local, size=2, sharding=steps.data_sharding)
@@ -159,8 +163,8 @@ def _loop(run: _Run, steps: Steps) -> None:
     while run.step < run.total_steps:
         run.epoch_started = window.started = time.perf_counter()
         stop = False
-        for images, labels in _epoch_batches(run, steps):
-            run.state, metrics = steps.train(run.state, images, labels)
+        for batch in _epoch_batches(run, steps):
+            run.state, metrics = steps.train(run.state, *batch)
             run.step += 1
             window.add(metrics)
             wait_for_queue(window.pending)
@@ -236,6 +240,14 @@ def _save_on_interrupt(run: _Run) -> None:
         run.console.write(f"interrupted: the newest checkpoint in {run.workdir} is step {run.saved_step}")
 
 
+def _evaluate(run: _Run, steps: Steps, split: tuple[np.ndarray, ...], stop=None) -> dict[str, Any]:
+    """:func:`evaluate_arrays` on a split's ``(images, labels)`` or ``(images, labels, digits)``."""
+    images, labels, *digits = split
+    return evaluate_arrays(
+        steps, run.state.params, images, labels, run.config.eval_batch_size, stop, digits=digits[0] if digits else None
+    )
+
+
 def _without_tables(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k not in ("confusion", "per_class_accuracy")}
 
@@ -246,10 +258,10 @@ def _end_epoch(run: _Run, steps: Steps, window: Window) -> None:
     config, epoch, name = run.config, run.step // run.steps_per_epoch, run.datasets.validation_name
     stop = run.stop.now
     try:
-        validation = evaluate_arrays(steps, run.state.params, *run.datasets.validation, config.eval_batch_size, stop)
+        validation = _evaluate(run, steps, run.datasets.validation, stop)
         test = None
         if config.test_every_epoch and name != "test":
-            test = evaluate_arrays(steps, run.state.params, *run.datasets.test, config.eval_batch_size, stop)
+            test = _evaluate(run, steps, run.datasets.test, stop)
     except StopRequested:
         _save(run, window)  # without metrics: the resumed run validates this epoch first
         raise Preempted(_stopped(run)) from None
@@ -279,14 +291,19 @@ def _reconstructions_to_tensorboard(run: _Run, steps: Steps, count: int = 8) -> 
     if getattr(out, "reconstructions", None) is None:  # a model without decoder (the baseline CNN)
         return
     inputs = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images
-    run.tensorboard.images("reconstructions", np.concatenate([inputs, out.reconstructions], axis=1), run.step)
+    recon = out.reconstructions
+    if recon.ndim == 5:  # one reconstruction per digit (MultiMNIST): red and green over each other, as in Fig. 5
+        from capsjax.viz import overlay_pair
+
+        inputs, recon = np.repeat(inputs, 3, axis=-1), overlay_pair(recon[:, 0], recon[:, 1])
+    run.tensorboard.images("reconstructions", np.concatenate([inputs, recon], axis=1), run.step)
     run.tensorboard.flush()
 
 
 # ---- 6. end of run
 def _end_of_run(run: _Run, steps: Steps) -> dict[str, Any]:
     config = run.config
-    test = evaluate_arrays(steps, run.state.params, *run.datasets.test, config.eval_batch_size)
+    test = _evaluate(run, steps, run.datasets.test)
     record = {"step": run.step, "epoch": run.step / run.steps_per_epoch, "split": "test", **_without_tables(test)}
     final = [r for r in run.log.records() if r.get("split") == "test" and r.get("final")]
     if not any(r["step"] == run.step for r in final):
@@ -296,10 +313,12 @@ def _end_of_run(run: _Run, steps: Steps) -> dict[str, Any]:
     results = {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
+        **({"test_almost_accuracy": test["almost_accuracy"]} if "almost_accuracy" in test else {}),
         "best_validation_accuracy": None if best_metrics is None else best_metrics["accuracy"],
         "best_step": best,
         "validation_split": run.datasets.validation_name,
         "steps": run.step,
+        "examples_seen": run.step * config.batch_size,  # MultiMNIST: training pairs generated and trained on
         "epochs": config.epochs,
         "devices": steps.mesh.size,
         "processes": jax.process_count(),

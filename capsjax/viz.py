@@ -1,4 +1,5 @@
-"""Figures: reconstructions, capsule pose perturbations (Fig. 4 of the paper), training curves, confusion matrices.
+"""Figures: reconstructions, capsule pose perturbations (Fig. 4 of the paper), MultiMNIST reconstructions (Fig. 5),
+training curves, confusion matrices.
 
 Everything here works on NumPy arrays (JAX arrays are converted) and plain callables, and writes PNG files through
 :class:`matplotlib.figure.Figure` objects with the Agg canvas, so no global pyplot state and no display are involved.
@@ -23,6 +24,8 @@ __all__ = [
     "read_metrics",
     "plot_training_curves",
     "plot_confusion_matrix",
+    "overlay_pair",
+    "plot_multidigit",
 ]
 
 DEFAULT_DELTAS = np.linspace(-0.25, 0.25, 11)
@@ -256,4 +259,60 @@ def plot_confusion_matrix(confusion: Any, path: str | Path, class_names: Sequenc
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (recall)")
     ax.set_title(f"accuracy {100 * np.trace(confusion) / max(confusion.sum(), 1):.2f}%")
+    return _save(fig, path)
+
+
+def overlay_pair(first: Any, second: Any) -> np.ndarray:
+    """Two gray images [N, H, W(, 1)] (uint8 or float in [0, 1]) -> RGB [N, H, W, 3]: ``first`` in red, ``second``
+    in green (yellow where they overlap), as the paper's Fig. 5 draws the two reconstructions."""
+    red, green = _as_display(first), _as_display(second)
+    if red.shape != green.shape or red.ndim != 3:
+        raise ValueError(f"overlay_pair takes two gray batches of one shape, got {red.shape} and {green.shape}")
+    return np.stack([red, green, np.zeros_like(red)], axis=-1)
+
+
+def plot_multidigit(groups: Sequence[dict[str, Any]], path: str | Path, max_images: int = 8) -> Path:
+    """MultiMNIST reconstructions like the paper's Fig. 5: per group, a row of inputs titled ``L:(a,b)`` with the true
+    classes and below it the two reconstructions overlaid (:func:`overlay_pair`: the first class in red, the second
+    in green), titled ``R:(c,d)`` with the classes reconstructed (in red when an ``R`` pair is not the true set).
+
+    Args:
+      groups: dicts with ``title`` (e.g. "correct", "wrong", "probe"), ``images`` [n, H, W, C], ``reconstructions``
+        [n, 2, H, W, C], ``labels`` int [n, 2] (true classes) and ``shown`` int [n, 2] (the classes reconstructed);
+        optional ``prefix`` of the bottom titles (default "R"; e.g. "P" for reconstructions from the prediction,
+        "R*" for a probe of an absent class) and ``show_input`` (default True; False: only the overlay row, under
+        the previous group's inputs). Empty groups are skipped.
+      path: the PNG file to write.
+      max_images: columns drawn per group at most.
+    """
+    groups = [g for g in groups if len(g["images"])]
+    if not groups:
+        raise ValueError("plot_multidigit needs at least one non-empty group")
+    n = min(max_images, max(len(g["images"]) for g in groups))
+    rows = [("input", g) for g in groups if g.get("show_input", True)] + [("overlay", g) for g in groups]
+    rows.sort(key=lambda r: (next(i for i, g in enumerate(groups) if g is r[1]), r[0] == "overlay"))
+    fig = _figure(1.15 * n + 0.6, 1.25 * len(rows))
+    axes = fig.subplots(len(rows), n, squeeze=False)
+    for ax_row, (kind, group) in zip(axes, rows):
+        images = _as_display(group["images"])
+        recon = np.asarray(group["reconstructions"])
+        overlays = overlay_pair(recon[:, 0], recon[:, 1]) if kind == "overlay" else None
+        prefix = group.get("prefix", "R")
+        for i, ax in enumerate(ax_row):
+            if i >= len(images):
+                ax.axis("off")
+                continue
+            labels, shown = [int(c) for c in group["labels"][i]], [int(c) for c in group["shown"][i]]
+            if kind == "input":
+                _show(ax, images[i])
+                ax.set_title("L:({},{})".format(*labels), fontsize=8)
+                continue
+            _show(ax, overlays[i])
+            wrong = prefix == "R" and sorted(shown) != sorted(labels)
+            ax.set_title("{}:({},{})".format(prefix, *shown), fontsize=8, color="red" if wrong else "black")
+        if kind == "input" or not group.get("show_input", True):
+            ax_row[0].set_ylabel(group["title"] + ("" if kind == "input" else f" ({prefix})"), fontsize=9)
+    fig.suptitle("inputs (L: true classes); below, the two reconstructions: the first class in red, the second in "
+                 "green. R: from the labels, P: from the prediction, R*: a true class and one that is absent",
+                 fontsize=7)  # fmt: skip
     return _save(fig, path)

@@ -39,6 +39,7 @@ RESUMABLE_CHANGES = frozenset(
         "progress",
         "test_every_epoch",
         "tensorboard",
+        "multimnist.test_pairs",
     }
 )
 

@@ -12,7 +12,9 @@ from jax import lax
 import capsjax
 from capsjax import data as datalib
 from capsjax.baseline import cross_entropy, dropout
-from capsjax.config import ARCHS, ConfigError, LossConfig, ModelConfig, OptimConfig, TrainConfig, get_config, replace_path
+from capsjax.config import (
+    ARCHS, ConfigError, LossConfig, ModelConfig, OptimConfig, TrainConfig, get_config, replace_path,
+)  # fmt: skip
 from capsjax.layers import Conv2D
 from capsjax.steps import correct_predictions, init_state, make_steps
 

@@ -1,5 +1,5 @@
 """The host pipeline (batches, evaluation's padded batches, per-process slicing, prefetch), the on-device random
-shift and MultiMNIST."""
+shift (MultiMNIST: tests/test_multimnist.py)."""
 
 import threading
 
@@ -273,78 +273,3 @@ def test_to_unit_float():
     np.testing.assert_allclose(np.asarray(y), x / 255.0, rtol=1e-6)
     assert float(y[-1]) == 1.0 and float(y[0]) == 0.0
     assert to_unit_float(jnp.asarray(np.array([0.5], np.float32))).dtype == jnp.float32
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# MultiMNIST
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def test_multimnist_batches():
-    images, labels = datalib.load_synthetic(300, seed=0)
-    images[:, 0, 0, 0] = 1  # a marker pixel (corner of the digit) that reveals each digit's placement
-    stream = datalib.multimnist_batches(images, labels, 32, seed=0, epoch=0)
-    batches = list(stream)
-    assert len(batches) == 300 // 32
-    for batch in batches:
-        merged, two, classes, digits = batch["images"], batch["labels"], batch["classes"], batch["digits"]
-        assert merged.shape == (32, 36, 36, 1) and merged.dtype == np.uint8
-        assert digits.shape == (32, 2, 36, 36, 1) and digits.dtype == np.uint8
-        assert two.shape == (32, 10) and classes.shape == (32, 2) and classes.dtype == np.int32
-        assert (classes[:, 0] != classes[:, 1]).all()
-        np.testing.assert_array_equal(two.sum(1), 2)
-        np.testing.assert_array_equal(np.take_along_axis(two, classes, axis=1), 1)
-        np.testing.assert_array_equal(merged, digits.max(axis=1))
-        for b in range(32):
-            for k in range(2):
-                canvas = digits[b, k, ..., 0]
-                ys, xs = np.nonzero(canvas)
-                top, left = ys.min(), xs.min()  # the marker pixel is the digit's top-left corner
-                assert 0 <= top <= 8 and 0 <= left <= 8  # centred (4) +- 4
-                crop = canvas[top : top + 28, left : left + 28]
-                matches = np.nonzero((images[..., 0] == crop).all((1, 2)))[0]
-                assert len(matches) >= 1 and labels[matches[0]] == classes[b, k]
-                assert canvas.sum() == crop.sum()  # nothing else on the canvas
-    again = list(datalib.multimnist_batches(images, labels, 32, seed=0, epoch=0))
-    other = next(datalib.multimnist_batches(images, labels, 32, seed=0, epoch=1))
-    for a, b in zip(batches, again):
-        np.testing.assert_array_equal(a["images"], b["images"])
-    assert not np.array_equal(other["images"], batches[0]["images"])
-
-
-def test_multimnist_first_digits_cover_the_set_and_shifts_span_the_range():
-    images = np.zeros((64, 28, 28, 1), np.uint8)
-    images[:, 0, 0, 0] = np.arange(64) + 1  # each digit is one pixel, valued by its index
-    labels = np.arange(64) % 10
-    firsts, tops = [], []
-    for batch in datalib.multimnist_batches(images, labels, 16, seed=3, epoch=0, drop_remainder=False):
-        for canvas in batch["digits"][:, 0, ..., 0]:
-            firsts.append(canvas.max() - 1)
-            tops.append(np.argwhere(canvas)[0][0])
-    np.testing.assert_array_equal(np.sort(firsts), np.arange(64))
-    assert set(tops) == set(range(9))  # 4 +- 4
-
-
-def test_multimnist_process_slices():
-    images, labels = datalib.load_synthetic(100, seed=1)
-    whole = list(datalib.multimnist_batches(images, labels, 8, seed=0, epoch=2, process_index=0, process_count=1))
-    halves = [
-        list(datalib.multimnist_batches(images, labels, 8, seed=0, epoch=2, process_index=i, process_count=2))
-        for i in range(2)
-    ]
-    for step, batch in enumerate(whole):
-        for key in batch:
-            np.testing.assert_array_equal(np.concatenate([halves[0][step][key], halves[1][step][key]]), batch[key])
-
-
-def test_multimnist_rejects_a_small_canvas_and_one_class():
-    images, labels = datalib.load_synthetic(20)
-    with pytest.raises(ValueError, match="canvas"):
-        next(datalib.multimnist_batches(images, labels, 4, seed=0, epoch=0, canvas=32, max_shift=4))
-    with pytest.raises(ValueError, match="two classes"):
-        next(datalib.multimnist_batches(images, np.zeros_like(labels), 4, seed=0, epoch=0))
-
-
-def test_two_hot():
-    np.testing.assert_array_equal(datalib.two_hot(np.array([[1, 3], [0, 2]]), 4), [[0, 1, 0, 1], [1, 0, 1, 0]])
-

@@ -30,10 +30,10 @@ from capsjax.data.augment import place_images, random_placement, random_shift, s
 from capsjax.data.canvas import affine_mnist, affine_transform, fixed_placement, place_on_canvas
 from capsjax.data.errors import DATA_ENV, DataError
 from capsjax.data.formats import read_idx, write_idx
-from capsjax.data.multimnist import multimnist_batches, two_hot
+from capsjax.data.multimnist import multimnist_batches, multimnist_pairs, two_hot
 from capsjax.data.pipeline import batches, local_slice, num_batches, padded_batches, prefetch_to_device
 from capsjax.data.registry import DATASETS, SPLITS, load
-from capsjax.data.splits import Datasets, adapt_model_to_data, load_datasets, load_eval_split
+from capsjax.data.splits import Datasets, adapt_model_to_data, load_datasets, load_eval_split, pair_arrays
 from capsjax.data.synthetic import load_synthetic
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "load_synthetic",
     "Datasets",
     "load_datasets",
+    "pair_arrays",
     "adapt_model_to_data",
     "load_eval_split",
     "read_idx",
@@ -64,5 +65,6 @@ __all__ = [
     "affine_transform",
     "affine_mnist",
     "multimnist_batches",
+    "multimnist_pairs",
     "two_hot",
 ]

@@ -43,7 +43,8 @@ def place_on_canvas(images: np.ndarray, offsets: np.ndarray, canvas_size: int) -
     offsets = np.asarray(offsets)
     if canvas_size < max(h, w):
         raise ValueError(f"a {canvas_size}x{canvas_size} canvas cannot hold {h}x{w} images")
-    if offsets.shape != (n, 2) or offsets.min(initial=0) < 0 or np.any(offsets.max(0, initial=0) > canvas_size - np.array([h, w])):
+    room = canvas_size - np.array([h, w])
+    if offsets.shape != (n, 2) or offsets.min(initial=0) < 0 or np.any(offsets.max(0, initial=0) > room):
         raise ValueError(f"offsets must be [{n}, 2] within [0, {canvas_size - h}] x [0, {canvas_size - w}]")
     out = np.zeros((n, canvas_size, canvas_size, c), images.dtype)
     rows = offsets[:, 0, None] + np.arange(h)  # [N, H]

@@ -227,7 +227,9 @@ def _affnist_paths(directory: Path, base: str) -> list[Path]:
 def _affnist_field(struct: np.ndarray, name: str, path: Path) -> np.ndarray:
     if struct.dtype.names is None or name not in struct.dtype.names:
         fields = ", ".join(struct.dtype.names or ()) or "none"
-        raise DataError(f"{path}: the affNISTdata struct has no field {name!r} (fields: {fields}); is it an affNIST file?")
+        raise DataError(
+            f"{path}: the affNISTdata struct has no field {name!r} (fields: {fields}); is it an affNIST file?"
+        )
     return np.asarray(struct[name].flat[0])
 
 
@@ -243,7 +245,9 @@ def read_affnist_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         mat = loadmat(path)
     except Exception as err:  # noqa: BLE001 - scipy's MatReadError, v7.3 (HDF5) files, truncated files, ...
-        raise DataError(f"{path}: not a readable MATLAB .mat file ({type(err).__name__}: {err}); download it again") from None
+        raise DataError(
+            f"{path}: not a readable MATLAB .mat file ({type(err).__name__}: {err}); download it again"
+        ) from None
     if "affNISTdata" not in mat:
         found = ", ".join(k for k in mat if not k.startswith("__")) or "nothing"
         raise DataError(f"{path}: no affNISTdata struct (holds {found}); is it an affNIST file?")

@@ -4,30 +4,75 @@ any split or other dataset for evaluating a run (:func:`load_eval_split`).
 With ``TrainConfig.canvas_size`` (expanded MNIST) the training digits stay at their own size (the train step places
 them on the canvas at random offsets, :func:`capsjax.data.augment.random_placement`) and the validation and test
 digits are placed at fixed, seeded offsets (:func:`capsjax.data.canvas.fixed_placement`), here and in evaluation.
+
+For ``dataset="multimnist"`` the training split holds the single digits that the training pairs are made from, on
+the fly, each epoch (:meth:`Datasets.train_batches`); validation and test are fixed pair sets (from the held-out
+training digits and from the test split), the same on every run, machine and process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import numpy as np
 
-from capsjax.config import ConfigError, TrainConfig
+from capsjax.config import ConfigError, MultiMNISTConfig, TrainConfig
 from capsjax.data.canvas import fixed_placement
+from capsjax.data.multimnist import multimnist_batches, multimnist_pairs
+from capsjax.data.pipeline import batches
 from capsjax.data.registry import load
 
 DERIVED_FROM = {"affine_mnist": "mnist"}
 """Datasets built from another one's files (read from the same ``data_dir``)."""
 
+_VALIDATION_SEED_TAG = 0x7A1  # the validation pairs' seed is [test_seed, tag]: apart from the test pairs
+
 
 @dataclasses.dataclass
 class Datasets:
-    """Host-side uint8 images [N, H, W, C] and int32 labels [N] of each split."""
+    """Host-side splits.
+
+    ``train``: uint8 images ``[N, H, W, C]`` and int32 labels ``[N]`` (for MultiMNIST, the digits pairs are made of).
+    ``validation``, ``test``: ``(images, labels)``, or for MultiMNIST ``(images, labels, digits)`` (see
+    :func:`pair_arrays`). ``pairs``: the MultiMNIST settings, None for a plain dataset.
+    """
 
     train: tuple[np.ndarray, np.ndarray]
-    validation: tuple[np.ndarray, np.ndarray]
-    test: tuple[np.ndarray, np.ndarray]
+    validation: tuple[np.ndarray, ...]
+    test: tuple[np.ndarray, ...]
     validation_name: str  # "validation" (held out of train) or "test"
+    pairs: MultiMNISTConfig | None = None
+    num_classes: int | None = None  # MultiMNIST: the length of the k-hot labels
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """The shape of one model input (for MultiMNIST, the canvas)."""
+        return tuple(int(s) for s in self.test[0].shape[1:])
+
+    def train_batches(self, batch_size: int, *, seed: int, epoch: int) -> Iterator[tuple[np.ndarray, ...]]:
+        """One epoch of this process's training batches: ``(images, labels)``, or for MultiMNIST
+        ``(images, labels, digits)`` (pairs made on the fly, an epoch one pass over the digits as bases). Batch ``b``
+        is a pure function of ``(seed, epoch, b)``; ``N // batch_size`` batches either way."""
+        images, labels = self.train
+        if self.pairs is None:
+            yield from batches(images, labels, batch_size, seed=seed, epoch=epoch)
+            return
+        p = self.pairs
+        for batch in multimnist_batches(
+            images, labels, batch_size, seed=seed, epoch=epoch, canvas=p.canvas, max_shift=p.shift, merge=p.merge,
+            per_base_shift=p.per_base_shift, num_classes=self.num_classes,
+        ):  # fmt: skip
+            yield pair_arrays(batch)
+
+
+def pair_arrays(pairs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MultiMNIST pairs (:mod:`capsjax.data.multimnist`) -> what the steps take: ``(images uint8 [B, H, W, C],
+    labels float32 [B, K] (two-hot), digits uint8 [B, 2, H, W, C])``, the digits in ascending class order (the order
+    in which the model reconstructs the classes a k-hot target names)."""
+    order = np.argsort(pairs["classes"], axis=1, kind="stable")
+    digits = np.take_along_axis(pairs["digits"], order[:, :, None, None, None], axis=1)
+    return pairs["images"], pairs["labels"], digits
 
 
 def _on_canvas(config: TrainConfig, images: np.ndarray, split: str) -> np.ndarray:
@@ -42,9 +87,12 @@ def _on_canvas(config: TrainConfig, images: np.ndarray, split: str) -> np.ndarra
 
 def load_datasets(config: TrainConfig) -> Datasets:
     """Loads train and test; holds the last ``validation_examples`` training examples out; applies ``train_examples``;
-    with ``canvas_size``, places the validation and test digits on the canvas at fixed offsets."""
-    images, labels = load(config.dataset, "train", config.data_dir)
-    test_images, test_labels = load(config.dataset, "test", config.data_dir)
+    with ``canvas_size``, places the validation and test digits on the canvas at fixed offsets; for MultiMNIST, makes
+    the fixed validation and test pairs from the held-out and the test digits."""
+    pairs = config.dataset == "multimnist"
+    name = config.multimnist.digits if pairs else config.dataset
+    images, labels = load(name, "train", config.data_dir)
+    test_images, test_labels = load(name, "test", config.data_dir)
     test = (_on_canvas(config, test_images, "test"), test_labels)
     held_out = config.validation_examples
     if held_out >= len(images):
@@ -56,17 +104,39 @@ def load_datasets(config: TrainConfig) -> Datasets:
         validation = test
     if config.train_examples is not None:
         images, labels = images[: config.train_examples], labels[: config.train_examples]
-    return Datasets((images, labels), validation, test, "validation" if held_out else "test")
+    name = "validation" if held_out else "test"
+    if not pairs:
+        return Datasets((images, labels), validation, test, name)
+    p = config.multimnist
+    num_classes = max(config.model.num_classes, int(max(labels.max(), test[1].max())) + 1)
+    settings = dict(
+        canvas=p.canvas, max_shift=p.shift, merge=p.merge, per_base_shift=p.per_base_shift, num_classes=num_classes
+    )
+    try:
+        test_pairs = pair_arrays(multimnist_pairs(*test, p.test_pairs, seed=p.test_seed, **settings))
+        validation_pairs = test_pairs
+        if held_out:
+            seed = [p.test_seed, _VALIDATION_SEED_TAG]
+            validation_pairs = pair_arrays(multimnist_pairs(*validation, p.validation_pairs, seed=seed, **settings))
+    except ValueError as err:
+        raise ConfigError(f"multimnist: {err}") from None
+    return Datasets((images, labels), validation_pairs, test_pairs, name, pairs=p, num_classes=num_classes)
 
 
 def load_eval_split(
     config: TrainConfig, split: str = "test", data_dir: str | None = None, dataset: str | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, ...]:
     """The images and labels a run is evaluated on: ``split`` of the run's dataset, placed on its canvas as in
     training (expanded MNIST), or of another ``dataset`` taken as it is (e.g. ``affine_mnist`` or ``affnist``, 40x40,
-    for a run trained on expanded MNIST). ``data_dir`` defaults to the run's for its dataset and the datasets built
+    for a run trained on expanded MNIST). For a MultiMNIST run, its fixed ``"test"`` or ``"validation"`` pairs
+    ``(images, labels, digits)`` (:func:`load_datasets`). ``data_dir`` defaults to the run's for its dataset and the datasets built
     from it. Raises :class:`ConfigError` if the images don't fit the run's model."""
     name = dataset or config.dataset
+    if name == "multimnist" == config.dataset:  # its fixed pairs, as in training
+        if split not in ("test", "validation"):
+            raise ConfigError(f"MultiMNIST evaluates on its fixed 'test' or 'validation' pairs, not {split!r}")
+        datasets = load_datasets(config if data_dir is None else dataclasses.replace(config, data_dir=data_dir))
+        return datasets.test if split == "test" else datasets.validation
     if data_dir is None and DERIVED_FROM.get(name, name) == config.dataset:
         data_dir = config.data_dir
     images, labels = load(name, split, data_dir)
@@ -85,11 +155,12 @@ def load_eval_split(
 
 
 def adapt_model_to_data(config: TrainConfig, datasets: Datasets) -> TrainConfig:
-    """Takes the image shape (of the test images: on the canvas for expanded MNIST) and the class count from the data
-    when the config's differ (e.g. CIFAR-10)."""
-    shape = tuple(int(s) for s in datasets.test[0].shape[1:])
-    labels = datasets.train[1]
-    num_classes = max(config.model.num_classes, int(max(labels.max(), datasets.test[1].max())) + 1)
+    """Takes the image shape (of the test images: on the canvas for expanded MNIST, for MultiMNIST the pairs') and
+    the class count from the data when the config's differ (e.g. CIFAR-10)."""
+    shape = datasets.image_shape
+    labels = np.concatenate([datasets.train[1].reshape(-1), datasets.test[1].reshape(-1)])
+    num_classes = int(labels.max()) + 1 if datasets.pairs is None else datasets.test[1].shape[-1]
+    num_classes = max(config.model.num_classes, num_classes)
     if shape == tuple(config.model.image_shape) and num_classes == config.model.num_classes:
         return config
     try:
