@@ -339,9 +339,13 @@ def _fast() -> TrainConfig:
 
 
 def _quick() -> TrainConfig:
-    """A first real result on a CPU in minutes: one epoch over 20,000 MNIST training images at batch 32 with the
-    paper's learning rate and shifts, validated on 5,000 held-out images, then scored on the full test set."""
-    return dataclasses.replace(_default(), batch_size=32, epochs=1, train_examples=20000)
+    """A first real result on a CPU in minutes: one epoch over the first 20,000 MNIST training images at batch 32,
+    the learning rate warmed up to 2e-3 over 50 steps and decayed to 0 by a cosine at the epoch's end (a final model
+    that does not depend on the last steps' noise), the paper's shifts; validated on 5,000 held-out images, then
+    scored on the full test set."""
+    examples, batch = 20000, 32
+    optim = OptimConfig(learning_rate=2e-3, schedule="cosine", warmup_steps=50, decay_steps=examples // batch)
+    return dataclasses.replace(_default(), batch_size=batch, epochs=1, train_examples=examples, optim=optim)
 
 
 def _accelerator() -> TrainConfig:
