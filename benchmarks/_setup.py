@@ -7,8 +7,6 @@ after parsing their flags, so ``--help`` does not wait for JAX.
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
 from typing import Any
 
 import jax
@@ -46,29 +44,15 @@ _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on: the CPU model (``lscpu``'s model name), its vector and bfloat16 flags
-    (those of :data:`_CPU_FLAGS` that ``/proc/cpuinfo`` lists), the core count, and JAX's backend and device kind."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    devices = jax.devices()
+    (those of :data:`_CPU_FLAGS` it has), the core count, and JAX's backend and device kind."""
+    from capsjax.results import cpu_flags, cpu_model
+
+    flags = cpu_flags()
     return {
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "cpu_flags": [flag for flag in _CPU_FLAGS if flag in flags],
         "cpu_count": os.cpu_count(),
         "backend": jax.default_backend(),
-        "device_kind": devices[0].device_kind,
+        "device_kind": jax.devices()[0].device_kind,
         "jax": jax.__version__,
     }

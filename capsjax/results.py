@@ -35,9 +35,30 @@ BEGIN, END = "<!-- results table: begin (python -m capsjax.results table --write
 TARGET_ACCURACY = 0.995  # "time to 99.5%" in the table
 
 
+def cpu_model() -> str:
+    """``lscpu``'s model name (the platform's processor name where ``lscpu`` is missing)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return model
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return set(next((line for line in cpuinfo if line.startswith("flags")), ":").split(":", 1)[1].split())
+    except OSError:
+        return set()
+
+
 def machine() -> str:
-    """The CPU model (``lscpu``'s model name), core count and widest vector extension (with bfloat16 arithmetic if
-    the CPU has it), or the accelerator JAX would use."""
+    """The CPU model (:func:`cpu_model`), core count and widest vector extension (with bfloat16 arithmetic if the CPU
+    has it), or the accelerator JAX would use."""
     try:
         import jax
 
@@ -46,22 +67,10 @@ def machine() -> str:
             return f"{jax.device_count()} x {device.device_kind}"
     except Exception:  # noqa: BLE001 (no JAX backend: describe the CPU)
         pass
-    model = platform.processor() or platform.machine()
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = set(next((line for line in cpuinfo if line.startswith("flags")), ":").split(":", 1)[1].split())
-    except OSError:
-        pass
+    flags = cpu_flags()
     vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "")
     bf16 = " with bf16" if flags & {"avx512_bf16", "amx_bf16"} else ""
-    return ", ".join(part for part in (model, f"{os.cpu_count()} cores", vector + bf16) if part)
+    return ", ".join(part for part in (cpu_model(), f"{os.cpu_count()} cores", vector + bf16) if part)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
