@@ -6,8 +6,10 @@ tests start as subprocesses see the same four devices.
 """
 
 import os
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
@@ -29,3 +31,12 @@ def mnist_dir() -> Path:
     if not any(MNIST_DIR.glob("train-images-idx3-ubyte*")):
         pytest.skip(f"MNIST IDX files not found in {MNIST_DIR} (set CAPSJAX_MNIST_DIR)")
     return MNIST_DIR
+
+
+@pytest.fixture(autouse=True)
+def _order_independent_rng(request):
+    """A test module's ``RNG`` restarts from a seed of the test's own id, so each test draws the same inputs whatever
+    ran before it (pytest-xdist workers run the tests in another order than one process does)."""
+    module = request.module
+    if isinstance(getattr(module, "RNG", None), np.random.Generator):
+        module.RNG = np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

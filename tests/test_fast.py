@@ -97,8 +97,10 @@ def test_conv2d_equals_xla_convolution(channels, stride, height):
     k = jnp.asarray(RNG.normal(size=(9, 5, channels, 16)) * 0.1, jnp.float32)
     oh, ow = (height - 9) // stride + 1, (17 - 5) // stride + 1
     t = jnp.asarray(RNG.normal(size=(3, oh, ow, 16)), jnp.float32)
+    # The kernel gradients reach ~10 as sums of over 2,000 float32 products, so the two summation orders differ by up
+    # to ~1e-5 of the largest value (1.2e-4 was seen): the absolute tolerance follows that scale.
     assert_same_values_and_gradients(
-        lambda x, k: fast.conv2d(x, k, stride), lambda x, k: xla_conv(x, k, stride), (x, k), t, rtol=1e-4, atol=1e-4
+        lambda x, k: fast.conv2d(x, k, stride), lambda x, k: xla_conv(x, k, stride), (x, k), t, rtol=1e-4, atol=3e-4
     )
     with pytest.raises(ValueError, match="expects input"):
         fast.conv2d(jnp.zeros((1, 9, 9, 2)), jnp.zeros((3, 3, 1, 4)))
