@@ -53,7 +53,9 @@ def test_forward_shapes_and_ranges():
     assert out.reconstructions.shape == (3, 16, 16, 1)
     assert np.all((np.asarray(out.lengths) >= 0) & (np.asarray(out.lengths) < 1))
     assert np.all((np.asarray(out.reconstructions) >= 0) & (np.asarray(out.reconstructions) <= 1))
-    np.testing.assert_allclose(out.lengths, np.linalg.norm(np.asarray(out.capsules), axis=-1), rtol=1e-5, atol=1e-4)
+    # safe_norm's definition (epsilon 1e-7 inside the square root), which a plain norm misses by up to 3e-4 near 0
+    expected = np.sqrt(np.sum(np.square(np.asarray(out.capsules, np.float64)), axis=-1) + 1e-7)
+    np.testing.assert_allclose(out.lengths, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_decoder_uses_label_in_training_and_prediction_otherwise():
