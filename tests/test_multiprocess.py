@@ -26,7 +26,6 @@ def _free_port() -> int:
 
 def _env(devices: int, **extra) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices), **extra}
-    env.pop("XLA_FLAGS", None)
     return env
 
 

@@ -21,7 +21,7 @@ def test_committed_notebook_has_no_outputs():
 
 
 @pytest.mark.slow
-def test_notebook_runs_in_tiny_mode(tmp_path, monkeypatch, mnist_dir):
+def test_notebook_runs_in_tiny_mode(tmp_path, monkeypatch, mnist_dir, optimized_env):
     nbformat = pytest.importorskip("nbformat", reason="the notebook extra is not installed")
     nbclient = pytest.importorskip("nbclient", reason="the notebook extra is not installed")
     pytest.importorskip("ipykernel", reason="the notebook extra is not installed")
@@ -34,6 +34,10 @@ def test_notebook_runs_in_tiny_mode(tmp_path, monkeypatch, mnist_dir):
     monkeypatch.setenv("CAPSJAX_NOTEBOOK_WORKDIR", str(workdir))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "2")
+    if "XLA_FLAGS" in optimized_env:  # the kernel trains: XLA's optimised code, as in a user's notebook
+        monkeypatch.setenv("XLA_FLAGS", optimized_env["XLA_FLAGS"])
+    else:
+        monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend puts the figures in the outputs
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
