@@ -2,11 +2,13 @@
 
 Each sub-folder of ``RESULTS`` that holds a finished run (``config.json`` and ``results.json`` from ``train.py``) is one
 row: the routing (``model.routing``; the architecture for other models), epochs, best validation and final test
-accuracy, the median epoch time (``metrics.jsonl``) and the command (``command`` file, if the run left one). With
+accuracy, the median epoch time (``metrics.jsonl``), the command and the machine (``record.json`` written by
+``python -m capsjax.results collect``, or a ``command`` file). With
 ``RESULTS/benchmark.json`` (``benchmarks/routing_compare.py``'s output) the step time, XLA scratch and peak RSS of the
-same routing join the row. Prints a Markdown table (``--json``: the rows as JSON).
+same routing join the row. Prints a Markdown table (``--json``: the rows as JSON; ``--write README.md``: puts it
+between the README's routing-table markers; ``--check``: fails if the README's table is not current).
 
-    python benchmarks/routing_table.py results/routing
+    python benchmarks/routing_table.py results/routing --write README.md
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def run_row(folder: Path) -> dict | None:
             record = json.loads(line)
             if record.get("split") == "validation" and "epoch_time_s" in record:
                 epoch_times.append(record["epoch_time_s"])
-    command = (folder / "command").read_text().strip() if (folder / "command").exists() else ""
+    record = json.loads((folder / "record.json").read_text()) if (folder / "record.json").exists() else {}
+    command = (folder / "command").read_text().strip() if (folder / "command").exists() else record.get("command", "")
     return {
         "run": folder.name,
         "routing": model.get("routing", "dynamic") if arch == "capsnet" else arch,
@@ -41,6 +44,7 @@ def run_row(folder: Path) -> dict | None:
         "test_accuracy": results.get("test_accuracy"),
         "epoch_time_s": round(statistics.median(epoch_times), 1) if epoch_times else None,
         "command": command,
+        "machine": record.get("machine", ""),
     }
 
 
@@ -65,24 +69,53 @@ def markdown(table: list[dict]) -> str:
         return "" if x is None else str(x)
 
     lines = ["| routing | iterations | epochs | validation accuracy | test accuracy | s/epoch | parameters | train step (s) "
-             "| XLA scratch (MiB) | peak RSS (MiB) | command |", "|" + "---|" * 11]  # fmt: skip
+             "| XLA scratch (MiB) | peak RSS (MiB) | command | machine |", "|" + "---|" * 12]  # fmt: skip
     for r in table:
         cells = [r["routing"], val(r["routing_iterations"]), val(r["epochs"]), pct(r["best_validation_accuracy"]),
                  pct(r["test_accuracy"]), val(r["epoch_time_s"]), val(r.get("params")), val(r.get("train_step_s")),
-                 val(r.get("scratch_mib")), val(r.get("peak_rss_mib")), f"`{r['command']}`" if r["command"] else ""]  # fmt: skip
+                 val(r.get("scratch_mib")), val(r.get("peak_rss_mib")), f"`{r['command']}`" if r["command"] else "",
+                 r.get("machine", "")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def BEGIN(results: Path) -> str:
+    return f"<!-- routing table: begin (python benchmarks/routing_table.py {results.as_posix()} --write README.md) -->"
+
+
+END = "<!-- routing table: end -->"
+
+
+def write(readme: Path, results: Path, text: str, check: bool = False) -> bool:
+    """Puts ``text`` between ``readme``'s routing-table markers; with ``check``, only says whether it is there."""
+    content = readme.read_text()
+    begin = BEGIN(results)
+    if begin not in content or END not in content:
+        raise SystemExit(f"{readme} has no routing-table markers ({begin} ... {END})")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{begin}\n{text}\n{END}{tail}"
+    if check:
+        return new == content
+    readme.write_text(new)
+    return True
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="folder of runs, e.g. results/routing")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of Markdown")
+    parser.add_argument("--write", type=Path, metavar="README", help="put the table between README's markers")
+    parser.add_argument("--check", action="store_true", help="with --write: fail if README's table is not current")
     args = parser.parse_args(argv)
     if not args.results.is_dir():
         raise SystemExit(f"{args.results} is not a folder of runs")
     table = rows(args.results)
-    print(json.dumps(table) if args.json else markdown(table))
+    if args.write:
+        if not write(args.write, args.results, markdown(table), check=args.check):
+            raise SystemExit(f"{args.write}'s routing table differs from {args.results}: rerun without --check")
+    else:
+        print(json.dumps(table) if args.json else markdown(table))
     return table
 
 

@@ -171,3 +171,31 @@ def test_routing_table_reads_runs_and_the_benchmark(tmp_path, capsys):
     table.main([str(tmp_path)])
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith("| em | 3 | 2 | 50.00% | 98.00% | 20.0 | 7 | 0.5 | 3.0 | 9.0 | `python train.py")
+    # a folder collected by capsjax.results (record.json) instead of a command file
+    (tmp_path / "em" / "command").unlink()
+    (tmp_path / "em" / "record.json").write_text(json.dumps({"command": "python train.py --preset quick",
+                                                              "machine": "AMD EPYC, 2 cores, AVX2"}))  # fmt: skip
+    readme = tmp_path / "README.md"
+    begin = table.BEGIN(tmp_path)
+    readme.write_text(f"intro\n{begin}\nold\n{table.END}\nrest\n")
+    with pytest.raises(SystemExit, match="differs"):
+        table.main([str(tmp_path), "--write", str(readme), "--check"])
+    table.main([str(tmp_path), "--write", str(readme)])
+    text = readme.read_text()
+    assert text.startswith(f"intro\n{begin}\n| routing |") and text.endswith(f"{table.END}\nrest\n")
+    assert "| `python train.py --preset quick` | AMD EPYC, 2 cores, AVX2 |" in text and "old" not in text
+    table.main([str(tmp_path), "--write", str(readme), "--check"])
+
+
+def test_readme_routing_table_is_generated_from_results(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "results" / "routing").is_dir():
+        pytest.skip("no results/routing folder")
+    spec = importlib.util.spec_from_file_location("routing_table", root / "benchmarks" / "routing_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    monkeypatch.chdir(root)
+    table.main(["results/routing", "--write", "README.md", "--check"])  # SystemExit names the command to rerun
