@@ -249,14 +249,16 @@ def test_eval_cli_on_missing_workdir(tmp_path):
 @pytest.mark.slow
 def test_short_mnist_run_reaches_accuracy(tmp_path, mnist_dir, optimized_env):
     """4,000 real MNIST training images, 3 epochs of a narrower CapsNet (64 conv1 channels, 16 primary capsule maps):
-    >= 95% on the full 10,000-image test set. Through the CLI, in XLA's optimised code.
+    >= 95% on the full 10,000-image test set (the checkpoint with the best accuracy on 1,000 held-out training
+    images). Through the CLI, in XLA's optimised code.
 
     Measured on a 2-core CPU: 92.8% after one epoch, 95.7% after two, 96.2% after three; 95% leaves room for other
     platforms while failing on any real regression (a broken routing, loss or augmentation stays far below it)."""
     work = tmp_path / "run"
-    settings = ("model.conv1_channels=64", "model.primary_maps=16", "log_every_steps=20", "checkpoint_every_steps=1000")
+    settings = ("model.conv1_channels=64", "model.primary_maps=16", "log_every_steps=20", "checkpoint_every_steps=1000",
+                "test_every_epoch=false")  # fmt: skip
     args = ["--data-dir", str(mnist_dir), "--workdir", str(work), "--train-examples", "4000",
-            "--validation-examples", "0", "--batch-size", "64", "--epochs", "3", "--quiet"]  # fmt: skip
+            "--validation-examples", "1000", "--batch-size", "64", "--epochs", "3", "--quiet"]  # fmt: skip
     for setting in settings:
         args += ["--set", setting]
     env = {**optimized_env, "PYTHONPATH": str(ROOT), "JAX_NUM_CPU_DEVICES": "1"}  # one device, as a user trains
