@@ -86,21 +86,6 @@ def BEGIN(results: Path) -> str:
 END = "<!-- routing table: end -->"
 
 
-def write(readme: Path, results: Path, text: str, check: bool = False) -> bool:
-    """Puts ``text`` between ``readme``'s routing-table markers; with ``check``, only says whether it is there."""
-    content = readme.read_text()
-    begin = BEGIN(results)
-    if begin not in content or END not in content:
-        raise SystemExit(f"{readme} has no routing-table markers ({begin} ... {END})")
-    head, rest = content.split(begin, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{begin}\n{text}\n{END}{tail}"
-    if check:
-        return new == content
-    readme.write_text(new)
-    return True
-
-
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, help="folder of runs, e.g. results/routing")
@@ -112,7 +97,13 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"{args.results} is not a folder of runs")
     table = rows(args.results)
     if args.write:
-        if not write(args.write, args.results, markdown(table), check=args.check):
+        from capsjax.results import replace_between_markers
+
+        try:
+            current = replace_between_markers(args.write, BEGIN(args.results), END, markdown(table), check=args.check)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        if not current:
             raise SystemExit(f"{args.write}'s routing table differs from {args.results}: rerun without --check")
     else:
         print(json.dumps(table) if args.json else markdown(table))

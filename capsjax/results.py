@@ -161,20 +161,27 @@ def table(results_dir: str | Path = "results") -> str:
     return "\n".join(rows)
 
 
+def replace_between_markers(path: str | Path, begin: str, end: str, text: str, check: bool = False) -> bool:
+    """Replaces what lies between the lines ``begin`` and ``end`` of the file ``path`` with ``text``; with ``check``,
+    only says whether it is there already. Returns True if the file holds (or now holds) ``text`` there; raises
+    ValueError if a marker is missing."""
+    path = Path(path)
+    content = path.read_text()
+    if begin not in content or end not in content:
+        raise ValueError(f"{path} has no markers {begin} ... {end}")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{begin}\n{text}\n{end}{tail}"
+    if check:
+        return new == content
+    path.write_text(new)
+    return True
+
+
 def write_table(readme: str | Path, results_dir: str | Path = "results", check: bool = False) -> bool:
     """Replaces the text between the README's markers with :func:`table`; with ``check``, only says whether it is
     current. Returns True if the README holds (or now holds) the current table."""
-    readme = Path(readme)
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{readme} has no results-table markers ({BEGIN} ... {END})")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    new = f"{head}{BEGIN}\n{table(results_dir)}\n{END}{tail}"
-    if check:
-        return new == text
-    readme.write_text(new)
-    return True
+    return replace_between_markers(readme, BEGIN, END, table(results_dir), check=check)
 
 
 def collect(

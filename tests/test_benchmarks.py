@@ -14,9 +14,8 @@ pytestmark = pytest.mark.slow  # the benchmark scripts compile and run the full 
 
 
 def run_script(name: str, *args: str) -> dict:
-    # One CPU device, as a user's machine has: without the simulated devices of conftest.py.
-    # one CPU device, as a user runs them; XLA_FLAGS as conftest.py set it (unoptimised code: these runs check the
-    # scripts' output, not their speed, and compiling is most of their time)
+    # One CPU device, as a user's machine has: without the simulated devices of conftest.py. XLA_FLAGS as conftest.py
+    # set it (unoptimised code: these runs check the scripts' output, not their speed; compiling is most of their time).
     env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))  # this checkout's capsjax
     result = subprocess.run(

@@ -25,8 +25,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices), **extra}
-    return env
+    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices), **extra}
 
 
 def _pair(workdirs, port, **env):

@@ -200,8 +200,8 @@ def test_non_finite_loss_stops_training(tmp_path):
         train_and_evaluate(config, tmp_path)
 
 
-def _run(script, *args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _run(script, *args, cwd, env=None):
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
@@ -261,9 +261,7 @@ def test_short_mnist_run_reaches_accuracy(tmp_path, mnist_dir, optimized_env):
             "--validation-examples", "1000", "--batch-size", "64", "--epochs", "3", "--quiet"]  # fmt: skip
     for setting in settings:
         args += ["--set", setting]
-    env = {**optimized_env, "PYTHONPATH": str(ROOT), "JAX_NUM_CPU_DEVICES": "1"}  # one device, as a user trains
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True)  # fmt: skip
+    result = _run("train.py", *args, cwd=tmp_path, env={**optimized_env, "JAX_NUM_CPU_DEVICES": "1"})  # as a user
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((work / "results.json").read_text())
     print(f"short MNIST run: test accuracy {results['test_accuracy']:.4f}")
