@@ -38,6 +38,9 @@ def run_row(folder: Path) -> dict | None:
     return {
         "run": folder.name,
         "routing": model.get("routing", "dynamic") if arch == "capsnet" else arch,
+        # EM's final inverse temperature (runs made before the field existed used 1)
+        "em_inverse_temperature": (model.get("routing_em_inverse_temperature", 1.0) if model.get("routing") == "em"
+                                   else None),  # fmt: skip
         "routing_iterations": model.get("routing_iterations"),
         "epochs": results.get("epochs"),
         "best_validation_accuracy": results.get("best_validation_accuracy"),
@@ -51,6 +54,7 @@ def run_row(folder: Path) -> dict | None:
 def rows(results_dir: Path) -> list[dict]:
     """The rows of every finished run under ``results_dir``, joined with ``benchmark.json`` by routing."""
     table = [row for folder in sorted(results_dir.iterdir()) if folder.is_dir() for row in [run_row(folder)] if row]
+    table.sort(key=lambda row: (row["routing"], row["em_inverse_temperature"] or 0.0))
     bench_file = results_dir / "benchmark.json"
     if bench_file.exists():
         bench = {r["routing"]: r for r in json.loads(bench_file.read_text().strip().splitlines()[-1])["routings"]}
@@ -71,7 +75,10 @@ def markdown(table: list[dict]) -> str:
     lines = ["| routing | iterations | epochs | validation accuracy | test accuracy | s/epoch | parameters | train step (s) "
              "| XLA scratch (MiB) | peak RSS (MiB) | command | machine |", "|" + "---|" * 12]  # fmt: skip
     for r in table:
-        cells = [r["routing"], val(r["routing_iterations"]), val(r["epochs"]), pct(r["best_validation_accuracy"]),
+        routing = r["routing"]
+        if r.get("em_inverse_temperature") is not None:
+            routing += f" (final λ {r['em_inverse_temperature']:g})"
+        cells = [routing, val(r["routing_iterations"]), val(r["epochs"]), pct(r["best_validation_accuracy"]),
                  pct(r["test_accuracy"]), val(r["epoch_time_s"]), val(r.get("params")), val(r.get("train_step_s")),
                  val(r.get("scratch_mib")), val(r.get("peak_rss_mib")), f"`{r['command']}`" if r["command"] else "",
                  r.get("machine", "")]  # fmt: skip

@@ -75,6 +75,10 @@ class ModelConfig:
     # "self_attention". With "em" the primary capsules are sqrt(class_dim) x sqrt(class_dim) pose matrices (4x4) with
     # an activation each, and primary_dim is not used (capsjax.routing_layers).
     routing: str = "dynamic"
+    # routing "em": final_lambda of the inverse temperature schedule lambda_t = final_lambda (1 - 0.95^(t+1))
+    # (capsjax.routing.em). The class scores are logistic(lambda_t (beta_a - cost)): with 1, lambda_t is 0.14 at the
+    # third iteration and the scores hardly leave 0.5 (see the README's routing section for the measurements)
+    routing_em_inverse_temperature: float = 20.0
     # the baseline CNN (arch="cnn"): SAME convolutions with ReLU, fully connected ReLU layers, dropout, linear output
     cnn_channels: tuple[int, ...] = (256, 256, 128)
     cnn_kernel: int = 5
@@ -107,6 +111,9 @@ class ModelConfig:
                 raise ValueError(f"routing 'em' needs class_dim = p * p for p x p poses (16: 4x4), got {self.class_dim}")
             if self.routing != "dynamic" and (self.routing_bias or self.routing_stop_gradient):
                 raise ValueError("routing_bias and routing_stop_gradient apply to routing 'dynamic' only")
+            if not self.routing_em_inverse_temperature > 0:
+                raise ValueError(f"routing_em_inverse_temperature must be > 0, "
+                                 f"got {self.routing_em_inverse_temperature}")  # fmt: skip
         if self.arch == "efficient_capsnet":
             self._check_efficient_capsnet()
         sizes = (*self.cnn_channels, self.cnn_kernel, *self.cnn_hidden)

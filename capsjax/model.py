@@ -112,6 +112,7 @@ class CapsNet(nnx.Module):
                 routing=config.routing,
                 num_iterations=config.routing_iterations,
                 init_std=config.routing_init_std,
+                em_inverse_temperature=config.routing_em_inverse_temperature,
                 kernels=config.kernels,
                 rngs=rngs,
             )

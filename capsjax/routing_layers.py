@@ -58,6 +58,7 @@ class CapsuleLayer(nnx.Module):
         routing: str = "dynamic",
         num_iterations: int = 3,
         init_std: float = 0.1,
+        em_inverse_temperature: float = 1.0,
         kernels: str = "auto",
         rngs: nnx.Rngs,
     ):
@@ -66,6 +67,7 @@ class CapsuleLayer(nnx.Module):
         init = nnx.initializers.normal(stddev=init_std)
         self.routing = routing
         self.num_iterations = num_iterations
+        self.em_inverse_temperature = em_inverse_temperature
         self.kernels = kernels
         if routing == "em":
             side = pose_side(out_dim)
@@ -109,7 +111,8 @@ class CapsuleLayer(nnx.Module):
         if self.routing == "em":
             if activations is None:
                 raise ValueError("EM routing needs the children's activations [B, n_in]")
-            return algorithms.em(self.votes(u), activations, self.beta_u[...], self.beta_a[...], self.num_iterations)
+            return algorithms.em(self.votes(u), activations, self.beta_u[...], self.beta_a[...], self.num_iterations,
+                                 final_inverse_temperature=self.em_inverse_temperature)
         if self.routing == "dynamic" and resolve_kernels(self.kernels) == "fast":
             n_in, n_out, d_out, d_in = self.W.shape
             self._check_vectors(u)

@@ -91,6 +91,19 @@ def test_capsule_layer_parameters_and_values_per_algorithm():
         CapsuleLayer(6, 8, 3, 8, routing="em", rngs=nnx.Rngs(0))
 
 
+def test_em_inverse_temperature_config():
+    assert capsjax.ModelConfig().routing_em_inverse_temperature == 20.0  # not 1: see the README's routing section
+    with pytest.raises(ValueError, match="routing_em_inverse_temperature must be > 0"):
+        capsjax.ModelConfig(routing="em", routing_em_inverse_temperature=0.0)
+    u = jnp.asarray(RNG.normal(size=(2, 6, 4)), jnp.float32)
+    acts = jnp.asarray(RNG.uniform(size=(2, 6)), jnp.float32)
+    cold, hot = (CapsuleLayer(6, 4, 3, 4, routing="em", em_inverse_temperature=t, rngs=nnx.Rngs(1))
+                 for t in (1.0, 20.0))  # fmt: skip
+    expected = routing.em(cold.votes(u), acts, 0.0, 0.0, final_inverse_temperature=20.0)
+    np.testing.assert_allclose(hot(u, acts).activations, expected.activations, rtol=1e-5)
+    assert not np.allclose(cold(u, acts).activations, expected.activations, rtol=1e-3)
+
+
 def test_primary_matrix_capsules():
     layer = PrimaryMatrixCapsules(3, num_maps=2, pose_dim=4, kernel_size=3, stride=2, rngs=nnx.Rngs(0))
     x = jnp.asarray(RNG.normal(size=(2, 7, 7, 3)), jnp.float32)
@@ -118,6 +131,11 @@ def test_capsnet_with_each_routing(name):
     np.testing.assert_allclose(call(model, images, predicted)[1].reconstructions, out.reconstructions, rtol=1e-6)
     if name == "em":
         assert type(model.primary) is PrimaryMatrixCapsules and model.classes.W.shape == (4 * 4 * 2, 10, 2, 2)
+        # the class scores are EM's activations with the config's final inverse temperature
+        poses, acts = model.primary(jax.nn.relu(model.conv1(images)))
+        votes = routing.matrix_votes(model.classes.W[...], poses.reshape(3, -1, 2, 2))
+        expected = routing.em(votes, acts, 0.0, 0.0, final_inverse_temperature=config.routing_em_inverse_temperature)
+        np.testing.assert_allclose(out.lengths, expected.activations, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -170,7 +188,13 @@ def test_routing_table_reads_runs_and_the_benchmark(tmp_path, capsys):
     assert got[0]["params"] is None
     table.main([str(tmp_path)])
     out = capsys.readouterr().out.splitlines()
-    assert out[-1].startswith("| em | 3 | 2 | 50.00% | 98.00% | 20.0 | 7 | 0.5 | 3.0 | 9.0 | `python train.py")
+    assert out[-1].startswith("| em (final λ 20) | 3 | 2 | 50.00% | 98.00% | 20.0 | 7 | 0.5 | 3.0 | 9.0 "
+                              "| `python train.py")  # fmt: skip
+    # an EM run from before ModelConfig.routing_em_inverse_temperature existed ran with 1
+    config = json.loads((tmp_path / "em" / "config.json").read_text())
+    del config["model"]["routing_em_inverse_temperature"]
+    (tmp_path / "em" / "config.json").write_text(json.dumps(config))
+    assert table.main([str(tmp_path), "--json"])[1]["em_inverse_temperature"] == 1.0
     # a folder collected by capsjax.results (record.json) instead of a command file
     (tmp_path / "em" / "command").unlink()
     (tmp_path / "em" / "record.json").write_text(json.dumps({"command": "python train.py --preset quick",
@@ -198,4 +222,5 @@ def test_readme_routing_table_is_generated_from_results(monkeypatch):
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     monkeypatch.chdir(root)
-    table.main(["results/routing", "--write", "README.md", "--check"])  # SystemExit names the command to rerun
+    for folder in ("results/routing", "results/em_temperature"):  # SystemExit names the command to rerun
+        table.main([folder, "--write", "README.md", "--check"])

@@ -27,11 +27,12 @@ The paper leaves several things open, and the public re-implementations disagree
    Re-implementations normalise the costs across parents (mean and standard deviation), use a tiny fixed ``lambda``
    (1e-3), or multiply the cost by a per-layer factor (``100 n_out / n_in`` with a final ``lambda`` of 0.01). capsjax
    multiplies ``sum_i R_ij`` by ``cost_scale``, by default ``n_out / n_in`` (so it is the mean activation a parent
-   receives per child, about 1 whatever the layer's size), with a final ``lambda`` of 1: the same product as the
-   last option.
+   receives per child, about 1 whatever the layer's size).
 2. *The inverse temperature schedule.* The paper says ``lambda`` grows over the iterations without a formula; we use
    the one the authors gave on OpenReview: ``lambda_t = final_lambda (1 - 0.95^(t+1))`` for iterations
-   ``t = 0 .. num_iterations-1`` (``final_inverse_temperature``).
+   ``t = 0 .. num_iterations-1`` (``final_inverse_temperature``, 1 by default here). With 1, ``lambda_t`` is only 0.14
+   at the third iteration, too cold for class scores trained towards 0.9 / 0.1 by a margin loss: capsjax's CapsNet
+   uses 20 (``ModelConfig.routing_em_inverse_temperature``; the README gives the measurements).
 3. *beta_u and beta_a.* Learned; one per parent capsule type (the authors' answer on OpenReview), so arrays of shape
    ``[n_out]`` here; scalars broadcast.
 4. *log sigma.* Written as ``0.5 log(sigma^2 + epsilon)``: no square root, finite gradients when the votes agree.
