@@ -246,6 +246,7 @@ class TrainConfig:
     max_shift: int = 2  # random translation of up to this many pixels, zero padded (the paper's augmentation)
     canvas_size: int = 0  # expanded MNIST: 40 puts each training digit at a random offset on a 40x40 black canvas
     # (on device, every step) and the validation and test digits at fixed, seeded offsets (capsjax.data.canvas); 0: off
+    horizontal_flip: bool = False  # mirror each training image left-right with probability 1/2 (clothes, not digits)
     seed: int = 0
     log_every_steps: int = 50
     checkpoint_every_steps: int = 1000
@@ -276,9 +277,10 @@ class TrainConfig:
         if self.loss.recon_reduction not in ("sum", "mean"):
             raise ConfigError(f"loss.recon_reduction must be 'sum' or 'mean', got {self.loss.recon_reduction!r}")
         pairs = self.dataset == "multimnist"
-        if pairs and (self.max_shift or self.canvas_size):
+        if pairs and (self.max_shift or self.canvas_size or self.horizontal_flip):
             raise ConfigError(
-                "multimnist pairs carry their own shifts (multimnist.shift): set max_shift=0 and canvas_size=0"
+                "multimnist pairs carry their own shifts (multimnist.shift): set max_shift=0, canvas_size=0 and "
+                "horizontal_flip=false"
             )
         if pairs != (self.model.num_targets == 2):
             raise ConfigError(

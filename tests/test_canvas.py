@@ -245,3 +245,33 @@ def test_cli_expanded_mnist_cnn_then_affine_mnist(tmp_path, mnist_dir, optimized
         assert (work / name).stat().st_size > 1000, name
     result = run("eval.py", "--workdir", str(work), "--dataset", "affnist", "--data-dir", str(tmp_path))
     assert result.returncode == 2 and "none of test.mat" in result.stderr
+
+
+def test_random_flip_mirrors_a_random_half_and_composes_with_the_shifts():
+    from capsjax.data.augment import random_flip, random_shift
+
+    images = jnp.asarray(_digits(64))
+    key = jax.random.key(3)
+    out = np.asarray(random_flip(key, images))
+    mirrored = np.asarray(images)[:, :, ::-1, :]
+    flipped = np.array([np.array_equal(o, m) for o, m in zip(out, mirrored)])
+    kept = np.array([np.array_equal(o, i) for o, i in zip(out, np.asarray(images))])
+    assert np.all(flipped ^ kept) and 16 < flipped.sum() < 48  # each image one or the other; about half flipped
+    np.testing.assert_array_equal(np.asarray(random_flip(key, images)), out)  # reproducible from the key
+    # with shifts: the shifts are those of the run without flips, then the flips of the folded key
+    both = np.asarray(train_augmentation(max_shift=2, horizontal_flip=True)(key, images))
+    shifted = np.asarray(random_shift(key, images, 2))
+    expected = np.asarray(random_flip(jax.random.fold_in(key, 1), jnp.asarray(shifted)))
+    np.testing.assert_array_equal(both, expected)
+    alone = train_augmentation(horizontal_flip=True)(key, images)
+    np.testing.assert_array_equal(np.asarray(alone), np.asarray(random_flip(jax.random.fold_in(key, 1), images)))
+    assert train_augmentation(max_shift=2)(key, images).shape == images.shape
+
+
+def test_horizontal_flip_config():
+    from capsjax.config import ConfigError, TrainConfig, get_config, replace_path
+
+    assert replace_path(get_config("fashion_mnist"), "horizontal_flip", "true").horizontal_flip is True
+    assert TrainConfig().horizontal_flip is False
+    with pytest.raises(ConfigError, match="horizontal_flip=false"):
+        replace_path(get_config("multimnist"), "horizontal_flip", "true")

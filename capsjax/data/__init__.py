@@ -26,7 +26,14 @@ binary, SVHN ``.mat``), :mod:`~capsjax.data.tfds`, :mod:`~capsjax.data.synthetic
 (expanded MNIST's fixed evaluation sets, ``affine_mnist``).
 """
 
-from capsjax.data.augment import place_images, random_placement, random_shift, shift_images, train_augmentation
+from capsjax.data.augment import (
+    place_images,
+    random_flip,
+    random_placement,
+    random_shift,
+    shift_images,
+    train_augmentation,
+)
 from capsjax.data.canvas import affine_mnist, affine_transform, fixed_placement, place_on_canvas
 from capsjax.data.errors import DATA_ENV, DataError
 from capsjax.data.formats import read_idx, write_idx
@@ -60,6 +67,7 @@ __all__ = [
     "place_images",
     "random_placement",
     "train_augmentation",
+    "random_flip",
     "place_on_canvas",
     "fixed_placement",
     "affine_transform",

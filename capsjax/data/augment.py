@@ -1,5 +1,5 @@
-"""On-device augmentation, run inside the jitted train step (pure ``jax.numpy``): the paper's random shifts, and the
-random placement on a larger canvas of expanded MNIST."""
+"""On-device augmentation, run inside the jitted train step (pure ``jax.numpy``): the paper's random shifts, the
+random placement on a larger canvas of expanded MNIST, and random horizontal flips (for Fashion-MNIST)."""
 
 from __future__ import annotations
 
@@ -83,13 +83,39 @@ def random_placement(key: jax.Array, images: jax.Array, canvas_size: int) -> jax
     return place_images(images, jnp.stack([dy, dx], axis=1), canvas_size)
 
 
-def train_augmentation(max_shift: int = 0, canvas_size: int = 0):
+def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
+    """Each image mirrored left-right with probability 1/2, its own coin (for clothes, not for digits).
+
+    Args:
+      key: a JAX PRNG key.
+      images: ``[B, H, W, C]``, any dtype.
+
+    Returns:
+      ``[B, H, W, C]`` in ``images``' dtype.
+    """
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0],))
+    return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+def train_augmentation(max_shift: int = 0, canvas_size: int = 0, horizontal_flip: bool = False):
     """The train step's ``augment(key, images)`` for a config: :func:`random_placement` on a ``canvas_size`` canvas
-    (expanded MNIST), else :func:`random_shift` by up to ``max_shift`` pixels, else None (no augmentation)."""
+    (expanded MNIST), else :func:`random_shift` by up to ``max_shift`` pixels, then with ``horizontal_flip``
+    :func:`random_flip` (its key folded from the step key, so the shifts are those of the same run without flips);
+    None when there is nothing to do."""
     if canvas_size and max_shift:
         raise ValueError("the random placement on a canvas replaces the random shifts: set max_shift=0")
     if canvas_size:
-        return lambda key, images: random_placement(key, images, canvas_size)
-    if max_shift:
-        return lambda key, images: random_shift(key, images, max_shift)
-    return None
+        move = lambda key, images: random_placement(key, images, canvas_size)  # noqa: E731
+    elif max_shift:
+        move = lambda key, images: random_shift(key, images, max_shift)  # noqa: E731
+    else:
+        move = None
+    if not horizontal_flip:
+        return move
+
+    def augment(key, images):
+        if move is not None:
+            images = move(key, images)
+        return random_flip(jax.random.fold_in(key, 1), images)
+
+    return augment
