@@ -107,9 +107,11 @@ def main(argv=None) -> dict:
         records.append(json.loads(done.stdout.strip().splitlines()[-1]))
     import jax
 
+    from capsjax.results import machine
+
     result = {"batch_size": args.batch_size, "preset": args.preset, "overrides": args.set,
-              "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-              "routings": records}  # fmt: skip
+              "backend": jax.default_backend(), "machine": machine(), "cpu_count": os.cpu_count(),
+              "jax": jax.__version__, "routings": records}  # fmt: skip
     print(json.dumps(result), flush=True)
     return result
 

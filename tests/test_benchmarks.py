@@ -48,6 +48,7 @@ def test_routing_compare_reports_each_algorithm():
     out = run_script("routing_compare.py", "--preset", "smoke", "--set", "model.class_dim=4", "--routings",
                      "dynamic,em", "--batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "0")  # fmt: skip
     assert [r["routing"] for r in out["routings"]] == ["dynamic", "em"]
+    assert out["machine"] and out["cpu_count"] >= 1  # the machine of the figures
     for record in out["routings"]:
         for key in ("params", "train_step_s", "scratch_mib", "peak_rss_mib"):
             assert record[key] > 0, (key, record)
