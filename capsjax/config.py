@@ -177,7 +177,8 @@ class OptimConfig:
     """Adam and its learning-rate schedule.
 
     ``"exponential"`` (the paper): ``learning_rate * decay_rate ** (step / decay_steps)`` (floored with
-    ``staircase``). ``"cosine"``: a linear warm-up from 0 to ``learning_rate`` over ``warmup_steps``, then a cosine
+    ``staircase``), after a linear warm-up from 0 over ``warmup_steps`` if that is set (the decay's ``step`` then
+    counts from the warm-up's end). ``"cosine"``: a linear warm-up from 0 to ``learning_rate`` over ``warmup_steps``, then a cosine
     decay to ``min_learning_rate`` at step ``decay_steps`` (the warm-up included), constant after that. Neither goes
     below ``min_learning_rate``.
     """
@@ -401,10 +402,12 @@ def _efficient_capsnet() -> TrainConfig:
 def _multimnist() -> TrainConfig:
     """The paper's MultiMNIST experiment (section 6): the CapsNet on 36 x 36 pairs of digits (3,200 primary capsules),
     two-hot targets and two reconstructions, pairs made on the fly (no other shift), the learning-rate decay period
-    10x longer (20,000 steps). An epoch is one pass over the 55,000 training digits as bases (429 steps)."""
+    10x longer (20,000 steps). An epoch is one pass over the 55,000 training digits as bases (429 steps). The
+    learning rate is warmed up from 0 over the first 200 steps: at 1e-3 from the first step every class capsule
+    saturated to length ~1 within 10 steps and the margin loss stayed at ~3.1 (chance), measured on this model."""
     return TrainConfig(
         model=ModelConfig(image_shape=(36, 36, 1), num_targets=2),
-        optim=OptimConfig(decay_steps=20_000),
+        optim=OptimConfig(decay_steps=20_000, warmup_steps=200),
         dataset="multimnist",
         max_shift=0,
         epochs=100,

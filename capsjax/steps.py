@@ -46,16 +46,21 @@ class TrainState(struct.PyTreeNode):
 
 
 def make_schedule(config: OptimConfig) -> optax.Schedule:
-    """The learning rate by step (:class:`~capsjax.config.OptimConfig`): exponential decay, or a linear warm-up and a
-    cosine decay, never below ``min_learning_rate``. The optimizer follows it and the train step logs it."""
+    """The learning rate by step (:class:`~capsjax.config.OptimConfig`): a linear warm-up over ``warmup_steps`` (if
+    any), then exponential decay (counted from the warm-up's end) or a cosine decay, never below
+    ``min_learning_rate``. The optimizer follows it and the train step logs it."""
     if config.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
             0.0, config.learning_rate, config.warmup_steps, config.decay_steps, end_value=config.min_learning_rate
         )
-    return optax.exponential_decay(
+    decay = optax.exponential_decay(
         config.learning_rate, config.decay_steps, config.decay_rate, staircase=config.staircase,
         end_value=config.min_learning_rate or None,
     )  # fmt: skip
+    if not config.warmup_steps:
+        return decay
+    warmup = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+    return optax.join_schedules([warmup, decay], [config.warmup_steps])  # the decay counts from the warm-up's end
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:

@@ -160,6 +160,10 @@ def test_schedules_by_hand():
         [0.0, 1e-3, 2e-3, 1e-3, 0.0, 0.0],
         atol=1e-9,
     )
+    # the paper's decay after a linear warm-up (it was ignored before: MultiMNIST's CapsNet saturated without it)
+    warm = make_schedule(OptimConfig(warmup_steps=200, decay_steps=20000))
+    np.testing.assert_allclose([warm(0), warm(100), warm(200), warm(20200)], [0.0, 0.5e-3, 1e-3, 0.96e-3], rtol=1e-6)
+    assert get_config("multimnist").optim.warmup_steps > 0
     fast = get_config("fast")
     assert fast.optim.decay_steps == fast.epochs * -(-(60000 - fast.validation_examples) // fast.batch_size)
     with pytest.raises(ConfigError, match="optim.schedule"):
