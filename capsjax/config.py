@@ -178,9 +178,9 @@ class OptimConfig:
 
     ``"exponential"`` (the paper): ``learning_rate * decay_rate ** (step / decay_steps)`` (floored with
     ``staircase``), after a linear warm-up from 0 over ``warmup_steps`` if that is set (the decay's ``step`` then
-    counts from the warm-up's end). ``"cosine"``: a linear warm-up from 0 to ``learning_rate`` over ``warmup_steps``, then a cosine
-    decay to ``min_learning_rate`` at step ``decay_steps`` (the warm-up included), constant after that. Neither goes
-    below ``min_learning_rate``.
+    counts from the warm-up's end). ``"cosine"``: a linear warm-up from 0 to ``learning_rate`` over
+    ``warmup_steps``, then a cosine decay to ``min_learning_rate`` at step ``decay_steps`` (the warm-up included),
+    constant after that. Neither goes below ``min_learning_rate``.
     """
 
     learning_rate: float = 1e-3
