@@ -13,6 +13,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from capsjax.files import write_atomic
+
 ARCHS = ("capsnet", "cnn", "efficient_capsnet")  # ModelConfig.arch: capsjax.model.MODELS (kept equal by a test)
 KERNELS = ("auto", "fast", "textbook")  # ModelConfig.kernels; "auto": "fast" on the CPU backend (capsjax.layers)
 PRECISIONS = ("float32", "mixed")  # ModelConfig.precision (capsjax.precision)
@@ -539,7 +541,7 @@ def from_dict(cls, data: dict[str, Any]):
 
 def save_config(config: TrainConfig, path: Path) -> None:
     """Writes ``config`` as indented JSON (:func:`to_dict`) to ``path``."""
-    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    write_atomic(path, json.dumps(to_dict(config), indent=2) + "\n")
 
 
 def load_config(path: Path) -> TrainConfig:

@@ -15,6 +15,7 @@ from flax import nnx
 from capsjax.checkpoint import CheckpointError, Checkpoints
 from capsjax.config import ConfigError, TrainConfig, load_config
 from capsjax.data.pipeline import padded_batches
+from capsjax.files import write_atomic
 from capsjax.steps import MAX_IN_FLIGHT, Steps, default_mesh, init_state, make_steps, wait_for_queue
 
 
@@ -276,7 +277,7 @@ def evaluate_workdir(
     if name in DATASET_NOTES:
         metrics["note"] = DATASET_NOTES[name]
     stem = f"eval_{split}" if own else f"eval_{name.replace('/', '_')}_{split}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out_dir / f"{stem}.json", json.dumps(metrics, indent=2) + "\n")
     if figures and jax.process_index() == 0:
         if own:
             paths = _figures(run, images, labels, metrics, Path(workdir), out_dir)

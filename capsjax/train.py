@@ -28,6 +28,7 @@ from capsjax.checkpoint import Checkpoints
 from capsjax.config import ConfigError, TrainConfig
 from capsjax.data import Datasets, adapt_model_to_data, load_datasets
 from capsjax.evaluate import StopRequested, evaluate_arrays, predict_arrays
+from capsjax.files import write_atomic
 from capsjax.reporting import Console, TensorBoard, Window
 from capsjax.steps import Steps, default_mesh, init_state, make_steps, wait_for_queue
 from capsjax.workdir import DIVERGED, MetricsLog, WorkdirLock, apply_resume_rules
@@ -215,7 +216,7 @@ def _diverged(run: _Run, bad_step: int) -> None:
     safe_step = safe[-1] if safe else None
     if jax.process_index() == 0:
         note = {"step": bad_step, "safe_step": safe_step, "learning_rate": run.config.optim.learning_rate}
-        (run.workdir / DIVERGED).write_text(json.dumps(note) + "\n")
+        write_atomic(run.workdir / DIVERGED, json.dumps(note) + "\n")
     where = f"checkpoint step {safe_step}, {bad_step - safe_step} steps before," if safe else "no checkpoint"
     raise TrainingDiverged(
         f"the loss became non-finite at step {bad_step}; {where} is kept in {run.workdir}; rerun with a lower "
@@ -325,6 +326,6 @@ def _end_of_run(run: _Run, steps: Steps) -> dict[str, Any]:
         "platform": jax.devices()[0].platform,
     }
     if jax.process_index() == 0:
-        (run.workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_atomic(run.workdir / "results.json", json.dumps(results, indent=2) + "\n")
     run.console.write(f"test accuracy {100 * test['accuracy']:.2f}% after {run.step} steps; results in {run.workdir}")
     return results

@@ -23,6 +23,7 @@ import jax
 from capsjax import distributed
 from capsjax.checkpoint import Checkpoints
 from capsjax.config import ConfigError, TrainConfig, load_config, save_config, to_dict
+from capsjax.files import write_atomic
 
 DIVERGED = "diverged.json"  # written when the loss blows up: the bad step and the checkpoint to restart from
 
@@ -168,9 +169,7 @@ class MetricsLog:
             return not (drop_epoch_end and r.get("step") == step and r.get("split") != "train")
 
         kept = [r for r in records if keep(r)]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return len(records) - len(kept)
 
 

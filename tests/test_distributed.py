@@ -76,3 +76,18 @@ def test_describe_error_drops_object_reprs():
     err = Weird("<bound method pybind11_object.foo of <x at 0x7f>> failed")
     assert describe_error(err) == "Weird"
     assert describe_error(ValueError("shape mismatch\nmore")) == "ValueError: shape mismatch"
+
+
+def test_config_rewrite_never_shows_a_reader_a_truncated_file(tmp_path):
+    # On a multi-process resume, process 0 rewrites config.json while the others read it (CI once failed with
+    # "config.json is not valid JSON"). An in-place rewrite truncates the file a reader has open; a replace doesn't.
+    from capsjax.config import get_config, load_config, save_config
+
+    path = tmp_path / "config.json"
+    save_config(get_config("smoke"), path)
+    old = path.read_text()
+    with open(path) as reader:
+        save_config(get_config("quick"), path)
+        assert reader.read() == old
+    assert load_config(path) == get_config("quick")
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left behind

@@ -1,0 +1,21 @@
+"""Writing the small files of a work directory so that no reader ever sees half of one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_atomic(path: Path | str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file beside it and ``os.replace``: a reader (another process of
+    a multi-process run, or a rerun after a crash) sees the old content or the new one, never a truncated file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
