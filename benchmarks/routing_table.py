@@ -35,12 +35,12 @@ def run_row(folder: Path) -> dict | None:
                 epoch_times.append(record["epoch_time_s"])
     record = json.loads((folder / "record.json").read_text()) if (folder / "record.json").exists() else {}
     command = (folder / "command").read_text().strip() if (folder / "command").exists() else record.get("command", "")
+    routing = model.get("routing", "dynamic") if arch == "capsnet" else arch  # other models ignore model.routing
     return {
         "run": folder.name,
-        "routing": model.get("routing", "dynamic") if arch == "capsnet" else arch,
+        "routing": routing,
         # EM's final inverse temperature (runs made before the field existed used 1)
-        "em_inverse_temperature": (model.get("routing_em_inverse_temperature", 1.0) if model.get("routing") == "em"
-                                   else None),  # fmt: skip
+        "em_inverse_temperature": model.get("routing_em_inverse_temperature", 1.0) if routing == "em" else None,
         "routing_iterations": model.get("routing_iterations"),
         "epochs": results.get("epochs"),
         "best_validation_accuracy": results.get("best_validation_accuracy"),

@@ -195,6 +195,15 @@ def test_routing_table_reads_runs_and_the_benchmark(tmp_path, capsys):
     del config["model"]["routing_em_inverse_temperature"]
     (tmp_path / "em" / "config.json").write_text(json.dumps(config))
     assert table.main([str(tmp_path), "--json"])[1]["em_inverse_temperature"] == 1.0
+    # another architecture ignores model.routing: an Efficient-CapsNet run left at routing "em" is no EM run
+    other = tmp_path / "efficient"
+    other.mkdir()
+    save_config(TrainConfig(model=capsjax.ModelConfig(arch="efficient_capsnet", routing="em")), other / "config.json")
+    (other / "results.json").write_text(json.dumps({"test_accuracy": 0.9}))
+    row = next(r for r in table.main([str(tmp_path), "--json"]) if r["run"] == "efficient")
+    assert row["routing"] == "efficient_capsnet" and row["em_inverse_temperature"] is None
+    other.joinpath("config.json").unlink()  # keep the rest of this test's table as it was
+    other.joinpath("results.json").unlink()
     # a folder collected by capsjax.results (record.json) instead of a command file
     (tmp_path / "em" / "command").unlink()
     (tmp_path / "em" / "record.json").write_text(json.dumps({"command": "python train.py --preset quick",
