@@ -215,10 +215,14 @@ def apply_resume_rules(config: TrainConfig, workdir: Path) -> TrainConfig:
     """Refuses settings that can't continue the run in ``workdir``; after a divergence, requires new optimizer settings
     and rolls the run back to the checkpoint from before the blow-up. Writes ``config.json``."""
     path, marker = workdir / "config.json", workdir / DIVERGED
+    previous = diverged = None
     if path.exists() and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
         previous = load_config(path)
-        if marker.exists():
-            diverged = json.loads(marker.read_text())
+        diverged = json.loads(marker.read_text()) if marker.exists() else None
+    # Every process has read the run's state before process 0 changes it (rolls back, rewrites config.json).
+    distributed.barrier("resume_state")
+    if previous is not None:
+        if diverged is not None:
             if config.optim == previous.optim:
                 raise ConfigError(
                     f"the run in {workdir} diverged at step {diverged['step']} with learning rate "

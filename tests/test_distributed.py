@@ -91,3 +91,51 @@ def test_config_rewrite_never_shows_a_reader_a_truncated_file(tmp_path):
         assert reader.read() == old
     assert load_config(path) == get_config("quick")
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left behind
+
+
+def test_every_process_reads_the_resume_state_before_process_0_rolls_back(tmp_path, monkeypatch):
+    # A run that diverged before its first safe checkpoint restarts from scratch: process 0 deletes every checkpoint.
+    # If it did so before process 1 had looked, process 1 saw a fresh run, skipped the roll-back barrier and the two
+    # processes waited on different barriers. Simulated here: process 0 runs first, and whenever it waits at a barrier,
+    # process 1 runs to its end (its own barriers are then no-ops).
+    import dataclasses
+
+    import jax
+
+    from capsjax import workdir as workdir_mod
+    from capsjax.config import get_config, save_config
+
+    old = get_config("smoke")
+    save_config(old, tmp_path / "config.json")
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    (tmp_path / workdir_mod.DIVERGED).write_text(json.dumps({"step": 3, "safe_step": None, "learning_rate": 1e-3}))
+
+    class FakeCheckpoints:  # what a roll-back to scratch does to the checkpoints folder
+        def __init__(self, workdir, keep):
+            self.dir = Path(workdir) / "checkpoints"
+
+        def delete_after(self, step):
+            dropped = sorted(int(p.name) for p in self.dir.iterdir())
+            for p in self.dir.iterdir():
+                p.rmdir()
+            return dropped
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(workdir_mod, "Checkpoints", FakeCheckpoints)
+    process, waited = [0], []
+
+    def barrier(name):
+        waited.append((process[0], name))
+        if process[0] == 0 and not any(p == 1 for p, _ in waited):
+            process[0] = 1
+            workdir_mod.apply_resume_rules(new, tmp_path)
+            process[0] = 0
+
+    monkeypatch.setattr(jax, "process_index", lambda: process[0])
+    monkeypatch.setattr(workdir_mod.distributed, "barrier", barrier)
+    new = dataclasses.replace(old, optim=dataclasses.replace(old.optim, learning_rate=old.optim.learning_rate / 2))
+    workdir_mod.apply_resume_rules(new, tmp_path)
+    assert sorted(name for p, name in waited if p == 0) == sorted(name for p, name in waited if p == 1)
+    assert not (tmp_path / workdir_mod.DIVERGED).exists() and not any((tmp_path / "checkpoints").iterdir())
