@@ -240,11 +240,12 @@ def apply_resume_rules(config: TrainConfig, workdir: Path) -> TrainConfig:
 
 
 def _roll_back(workdir: Path, step: int | None, config: TrainConfig) -> None:
-    """Drops the checkpoints and metrics after ``step`` (None: all of them)."""
+    """Drops the checkpoints and metrics after ``step`` (None: all of them). Every process opens the checkpoints and
+    deletes: Orbax deletes on process 0 only, but waits on a barrier in each process for each step."""
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    dropped = checkpoints.delete_after(step)
+    checkpoints.close()
     if jax.process_index() == 0:
-        checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-        dropped = checkpoints.delete_after(step)
-        checkpoints.close()
         MetricsLog(workdir / "metrics.jsonl").truncate(step or 0)
         print(f"restarting from {'step ' + str(step) if step is not None else 'scratch'} with the new optimizer "
               f"settings (dropped checkpoints {dropped})", flush=True)  # fmt: skip

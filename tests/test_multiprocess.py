@@ -28,13 +28,13 @@ def _env(devices: int, **extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices), **extra}
 
 
-def _pair(workdirs, port, **env):
-    """Starts processes 0 and 1 (``workdirs``: one path for both, or one each)."""
+def _pair(workdirs, port, args=(), **env):
+    """Starts processes 0 and 1 (``workdirs``: one path for both, or one each) with ``args`` after :data:`ARGS`."""
     if not isinstance(workdirs, (list, tuple)):
         workdirs = (workdirs, workdirs)
     return [
         subprocess.Popen(
-            [sys.executable, str(ROOT / "train.py"), *ARGS, "--workdir", str(w), "--coordinator-address",
+            [sys.executable, str(ROOT / "train.py"), *ARGS, *args, "--workdir", str(w), "--coordinator-address",
              f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
             env=_env(2, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -84,11 +84,27 @@ def test_two_processes_resume_after_kill_and_sigterm_and_match_one_process(tmp_p
     assert len(set(stops)) <= 1  # both processes stop at the same step
     results = _finish(_pair(work, _free_port()))
     assert all(code == 0 for code, _, _ in results), results[0][2][-3000:]
-    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *ARGS, "--workdir", str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *ARGS, *args, "--workdir", str(tmp_path / "one")],
                          env=_env(4), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     for a, b in zip(jax.tree.leaves(_params(work)), jax.tree.leaves(_params(tmp_path / "one"))):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_two_processes_restart_a_diverged_run_with_new_settings(tmp_path):
+    # A learning rate that grows 1e6-fold every step blows the loss up; the rerun with the preset's optimizer rolls
+    # back to the checkpoint from before. Every process must take part in the roll-back's checkpoint deletions (Orbax
+    # waits on a barrier in each): when process 0 alone deleted, the processes met at different barriers and the run
+    # could never be restarted.
+    blown = ("--set", "optim.decay_rate=1e6", "--set", "optim.decay_steps=1", "--set", "checkpoint_every_steps=1",
+             "--set", "safe_checkpoint_margin=2")  # fmt: skip
+    results = _finish(_pair(tmp_path, _free_port(), args=blown))
+    assert [code for code, _, _ in results] == [1, 1] and "non-finite" in results[0][2], results[0][2][-3000:]
+    results = _finish(_pair(tmp_path, _free_port()))
+    for code, _, stderr in results:
+        assert code == 0, stderr[-3000:]
+    assert "restarting from step" in results[0][1]
+    assert (tmp_path / "results.json").exists() and not (tmp_path / "diverged.json").exists()
 
 
 def test_a_workdir_that_is_not_shared_is_a_clear_error(tmp_path):
