@@ -85,9 +85,11 @@ class Checkpoints:
       workdir: the run's directory.
       keep: how many of the newest saves to keep for resuming.
       safe_margin: also keep the newest save at least this many steps older than the newest (0: off).
+      read_only: for readers (evaluation, weights export): never saves, deletes or cleans up, so a reader started
+        while the run trains leaves the save in progress (its temporary folder) alone.
     """
 
-    def __init__(self, workdir: str | Path, keep: int = 2, safe_margin: int = 0):
+    def __init__(self, workdir: str | Path, keep: int = 2, safe_margin: int = 0, read_only: bool = False):
         self.workdir = Path(workdir)
         self.directory = (self.workdir / "checkpoints").absolute()
         policy = policies.AnyPreservationPolicy(
@@ -101,8 +103,10 @@ class Checkpoints:
             best_fn=_accuracy,
             best_mode="max",
             preservation_policy=policy,
-            create=True,
-            cleanup_tmp_directories=True,  # a save cut short by a kill leaves a tmp folder: removed on the next start
+            create=not read_only,
+            # a save cut short by a kill leaves a tmp folder: removed when the run starts again
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
             # Synchronous saves: the train step donates the state buffers, so nothing may read them after save().
             enable_async_checkpointing=False,
         )
@@ -154,6 +158,11 @@ class Checkpoints:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as err:  # Orbax raises many types for a damaged or mismatched folder
+            if not (self.directory / str(step)).exists():
+                raise CheckpointError(
+                    f"checkpoint {self.directory / str(step)} was removed while it was read (the run is still training "
+                    "and keeps only its newest and best checkpoints); rerun"
+                ) from None
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} is unreadable or does not match this model "
                 f"({describe_error(err)})"

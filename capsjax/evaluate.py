@@ -123,7 +123,7 @@ def load_run(workdir: str | Path, which: str = "best", log=print) -> Run:
     mesh = default_mesh()
     graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
     steps = make_steps(graphdef, config.optim, config.loss, mesh=mesh, num_targets=config.model.num_targets)
-    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints, read_only=True)  # the run may still be training
     try:
         available = checkpoints.all_steps()
         if not available:

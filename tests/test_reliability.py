@@ -5,6 +5,7 @@ the trainer before its rewrite."""
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -235,6 +236,35 @@ def test_predict_checks_inputs_and_handles_small_batches(trained):
         predict(run, images.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
         predict(run, images.astype(np.int64))
+
+
+def test_evaluating_a_run_that_trains_leaves_its_save_in_progress_alone(trained, tmp_path):
+    # eval.py (or a weights export) started while the trainer writes a checkpoint opened the checkpoints with Orbax's
+    # clean-up of temporary folders and deleted the save in progress, which then failed and ended the training run.
+    from capsjax.evaluate import load_run
+
+    in_progress = Path(trained) / "checkpoints" / "999.orbax-checkpoint-tmp-1700000000000"
+    (in_progress / "state").mkdir(parents=True)
+    try:
+        assert load_run(trained).step > 0
+        assert (in_progress / "state").is_dir()
+    finally:
+        shutil.rmtree(in_progress)
+    # the checkpoint chosen is removed by the training run (it keeps the newest and the best) before it is read:
+    # said so, not "unreadable or does not match this model"
+    from capsjax.config import load_config
+    from capsjax.steps import default_mesh, init_state
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    config = load_config(copy / "config.json")
+    checkpoints = Checkpoints(copy, read_only=True)
+    step = checkpoints.latest_step()
+    shutil.rmtree(copy / "checkpoints" / str(step))
+    _, state = init_state(config.model, config.optim, config.seed, default_mesh())
+    with pytest.raises(CheckpointError, match="was removed while it was read"):
+        checkpoints.restore(state, step)
+    checkpoints.close()
 
 
 # ---- defect 11: output without a terminal; eval before the first epoch ends
