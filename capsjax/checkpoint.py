@@ -26,6 +26,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from capsjax import distributed
+
 BEST_METRIC = "accuracy"  # the validation metric the best checkpoint is chosen by (higher is better)
 _QUIET = ("absl", "orbax", "jax._src.distributed")
 
@@ -174,12 +176,18 @@ class Checkpoints:
         with one line through ``log``. Returns ``(state, step)``, or None when there is no checkpoint."""
         for step in reversed(self.all_steps()):
             try:
-                return self.restore(abstract_state, step), step
+                restored, error = self.restore(abstract_state, step), None
             except CheckpointError as err:
-                if jax.process_index() == 0:
-                    moved = self._quarantine(step)
-                    log(f"warning: {err}; moved it to {moved} and falling back to an earlier checkpoint")
-                self._manager.reload()
+                restored, error = None, err
+            # Every process must resume from the same step: one that any process can't read is given up by all.
+            if distributed.all_processes(error is None):
+                return restored, step
+            if jax.process_index() == 0:
+                moved = self._quarantine(step)
+                reason = error or f"checkpoint {self.directory / str(step)} is unreadable in another process"
+                log(f"warning: {reason}; moved it to {moved} and falling back to an earlier checkpoint")
+            distributed.barrier("quarantined")  # moved before any process lists the checkpoints again
+            self._manager.reload()
         return None
 
     def _quarantine(self, step: int) -> Path:

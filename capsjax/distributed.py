@@ -109,7 +109,7 @@ def _backend_started() -> bool:
     return bool(getattr(xla_bridge, "_backends", None))
 
 
-def _all(flag: bool) -> bool:
+def all_processes(flag: bool) -> bool:
     """Whether ``flag`` holds on every process (a collective: every process must call it)."""
     if jax.process_count() == 1:
         return flag
@@ -134,7 +134,7 @@ def lock_workdir(lock):
             lock.acquire()
         except Exception as err:  # WorkdirBusy, or an unwritable workdir
             error = err
-    if not _all(error is None):
+    if not all_processes(error is None):
         lock.release()
         if error is not None:
             raise error
@@ -160,7 +160,7 @@ def check_shared(workdir: Path, timeout: float | None = None) -> None:
     while not seen and time.monotonic() < deadline:
         time.sleep(0.2)
         seen = marker.exists()
-    everyone = _all(seen)
+    everyone = all_processes(seen)
     if jax.process_index() == 0:
         marker.unlink(missing_ok=True)
     if not everyone:

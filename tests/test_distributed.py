@@ -139,3 +139,28 @@ def test_every_process_reads_the_resume_state_before_process_0_rolls_back(tmp_pa
     workdir_mod.apply_resume_rules(new, tmp_path)
     assert sorted(name for p, name in waited if p == 0) == sorted(name for p, name in waited if p == 1)
     assert not (tmp_path / workdir_mod.DIVERGED).exists() and not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_a_checkpoint_another_process_cant_read_is_given_up_by_every_process(tmp_path, monkeypatch):
+    # Each process restored the newest checkpoint it could read on its own: one that a single process failed to read
+    # (a read error, a file system showing hosts different listings) left the processes training from different steps.
+    import jax.numpy as jnp
+
+    from capsjax.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path)
+    for step in (1, 2):
+        checkpoints.save(step, {"w": jnp.full((3,), float(step))})
+    votes = []
+
+    def all_processes(flag):  # this process read the checkpoint (flag), another one could not read step 2
+        votes.append(flag)
+        return flag and len(votes) > 1
+
+    monkeypatch.setattr(distributed, "all_processes", all_processes)
+    lines = []
+    state, step = checkpoints.restore_newest_intact({"w": jnp.zeros(3)}, log=lines.append)
+    checkpoints.close()
+    assert step == 1 and float(state["w"][0]) == 1.0 and votes == [True, True]
+    assert len(lines) == 1 and "unreadable in another process" in lines[0]
+    assert [p.name.split("-")[0] for p in (tmp_path / "damaged").iterdir()] == ["2"]

@@ -84,7 +84,7 @@ def test_two_processes_resume_after_kill_and_sigterm_and_match_one_process(tmp_p
     assert len(set(stops)) <= 1  # both processes stop at the same step
     results = _finish(_pair(work, _free_port()))
     assert all(code == 0 for code, _, _ in results), results[0][2][-3000:]
-    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *ARGS, *args, "--workdir", str(tmp_path / "one")],
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *ARGS, "--workdir", str(tmp_path / "one")],
                          env=_env(4), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     for a, b in zip(jax.tree.leaves(_params(work)), jax.tree.leaves(_params(tmp_path / "one"))):
