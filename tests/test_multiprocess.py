@@ -126,3 +126,4 @@ def test_a_dead_peer_ends_the_other_process_with_one_line(tmp_path):
     assert "process 1 stopped responding" in stderr or "lost contact with another process" in stderr, stderr[-3000:]
     assert len(stderr.strip().splitlines()) == 1, stderr[-3000:]
     assert "Check failure" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert not (work / "LOCK").exists()  # released: a relaunch with process 0 on another host may take the workdir
