@@ -25,7 +25,7 @@ import numpy as np
 from capsjax import data as datalib
 from capsjax import distributed
 from capsjax.checkpoint import Checkpoints
-from capsjax.config import ConfigError, TrainConfig
+from capsjax.config import ConfigError, TrainConfig, to_dict
 from capsjax.data import Datasets, adapt_model_to_data, load_datasets
 from capsjax.evaluate import StopRequested, evaluate_arrays, predict_arrays
 from capsjax.files import write_atomic
@@ -215,7 +215,8 @@ def _diverged(run: _Run, bad_step: int) -> None:
     safe = [s for s in run.checkpoints.all_steps() if s <= bad_step - margin]
     safe_step = safe[-1] if safe else None
     if jax.process_index() == 0:
-        note = {"step": bad_step, "safe_step": safe_step, "learning_rate": run.config.optim.learning_rate}
+        note = {"step": bad_step, "safe_step": safe_step, "learning_rate": run.config.optim.learning_rate,
+                "optim": to_dict(run.config.optim)}  # fmt: skip
         write_atomic(run.workdir / DIVERGED, json.dumps(note) + "\n")
     where = f"checkpoint step {safe_step}, {bad_step - safe_step} steps before," if safe else "no checkpoint"
     raise TrainingDiverged(

@@ -22,7 +22,7 @@ import jax
 
 from capsjax import distributed
 from capsjax.checkpoint import Checkpoints
-from capsjax.config import ConfigError, TrainConfig, load_config, save_config, to_dict
+from capsjax.config import ConfigError, OptimConfig, TrainConfig, from_dict, load_config, save_config, to_dict
 from capsjax.files import write_atomic
 
 DIVERGED = "diverged.json"  # written when the loss blows up: the bad step and the checkpoint to restart from
@@ -216,14 +216,17 @@ def apply_resume_rules(config: TrainConfig, workdir: Path) -> TrainConfig:
     and rolls the run back to the checkpoint from before the blow-up. Writes ``config.json``."""
     path, marker = workdir / "config.json", workdir / DIVERGED
     previous = diverged = None
-    if path.exists() and (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+    if path.exists() and (marker.exists() or _has_checkpoints(workdir)):
         previous = load_config(path)
         diverged = json.loads(marker.read_text()) if marker.exists() else None
     # Every process has read the run's state before process 0 changes it (rolls back, rewrites config.json).
     distributed.barrier("resume_state")
     if previous is not None:
         if diverged is not None:
-            if config.optim == previous.optim:
+            # the settings that blew up (a diverged.json written before "optim" was recorded: those of config.json;
+            # a crash between rewriting config.json and removing diverged.json leaves the new ones there)
+            blown = from_dict(OptimConfig, diverged["optim"]) if "optim" in diverged else previous.optim
+            if config.optim == blown:
                 raise ConfigError(
                     f"the run in {workdir} diverged at step {diverged['step']} with learning rate "
                     f"{previous.optim.learning_rate:g}; rerun with a lower --learning-rate (it restarts from "
@@ -236,7 +239,14 @@ def apply_resume_rules(config: TrainConfig, workdir: Path) -> TrainConfig:
     if jax.process_index() == 0:
         save_config(config, path)
         marker.unlink(missing_ok=True)
+        (workdir / "results.json").unlink(missing_ok=True)  # written again when this run ends: until then, not done
     return config
+
+
+def _has_checkpoints(workdir: Path) -> bool:
+    """Whether ``workdir`` holds a checkpoint folder (``checkpoints/<step>``; not only a save cut short)."""
+    folder = workdir / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 def _roll_back(workdir: Path, step: int | None, config: TrainConfig) -> None:

@@ -93,6 +93,21 @@ def test_config_rewrite_never_shows_a_reader_a_truncated_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left behind
 
 
+class FakeCheckpoints:  # what a roll-back does to the checkpoints folder, without Orbax
+    def __init__(self, workdir, keep):
+        self.dir = Path(workdir) / "checkpoints"
+        self.dir.mkdir(exist_ok=True)
+
+    def delete_after(self, step):
+        doomed = [p for p in self.dir.iterdir() if step is None or int(p.name) > step]
+        for p in doomed:
+            p.rmdir()
+        return sorted(int(p.name) for p in doomed)
+
+    def close(self):
+        pass
+
+
 def test_every_process_reads_the_resume_state_before_process_0_rolls_back(tmp_path, monkeypatch):
     # A run that diverged before its first safe checkpoint restarts from scratch: process 0 deletes every checkpoint.
     # If it did so before process 1 had looked, process 1 saw a fresh run, skipped the roll-back barrier and the two
@@ -109,19 +124,6 @@ def test_every_process_reads_the_resume_state_before_process_0_rolls_back(tmp_pa
     save_config(old, tmp_path / "config.json")
     (tmp_path / "checkpoints" / "3").mkdir(parents=True)
     (tmp_path / workdir_mod.DIVERGED).write_text(json.dumps({"step": 3, "safe_step": None, "learning_rate": 1e-3}))
-
-    class FakeCheckpoints:  # what a roll-back to scratch does to the checkpoints folder
-        def __init__(self, workdir, keep):
-            self.dir = Path(workdir) / "checkpoints"
-
-        def delete_after(self, step):
-            dropped = sorted(int(p.name) for p in self.dir.iterdir())
-            for p in self.dir.iterdir():
-                p.rmdir()
-            return dropped
-
-        def close(self):
-            pass
 
     monkeypatch.setattr(workdir_mod, "Checkpoints", FakeCheckpoints)
     process, waited = [0], []
@@ -164,3 +166,78 @@ def test_a_checkpoint_another_process_cant_read_is_given_up_by_every_process(tmp
     assert step == 1 and float(state["w"][0]) == 1.0 and votes == [True, True]
     assert len(lines) == 1 and "unreadable in another process" in lines[0]
     assert [p.name.split("-")[0] for p in (tmp_path / "damaged").iterdir()] == ["2"]
+
+
+def _diverged_workdir(workdir, optim_recorded=True):
+    """A run whose loss blew up at step 5 with the smoke preset's optimizer; checkpoint 3 is from before."""
+    from capsjax.config import get_config, save_config, to_dict
+    from capsjax.workdir import DIVERGED
+
+    blown = get_config("smoke")
+    save_config(blown, workdir / "config.json")
+    (workdir / "checkpoints" / "3").mkdir(parents=True)
+    note = {"step": 5, "safe_step": 3, "learning_rate": blown.optim.learning_rate}
+    if optim_recorded:
+        note["optim"] = to_dict(blown.optim)
+    (workdir / DIVERGED).write_text(json.dumps(note))
+    return blown
+
+
+def _lower_rate(config):
+    import dataclasses
+
+    optim = dataclasses.replace(config.optim, learning_rate=config.optim.learning_rate / 2)
+    return dataclasses.replace(config, optim=optim)
+
+
+def test_a_crash_inside_the_roll_back_does_not_refuse_the_remedy(tmp_path, monkeypatch):
+    # Process 0 rewrites config.json with the new settings, then removes diverged.json. A crash in between left the
+    # new settings in config.json beside the marker, and rerunning the same (lower-rate) command was refused as
+    # "the settings that diverged".
+    from capsjax import workdir as workdir_mod
+    from capsjax.config import ConfigError, save_config
+
+    monkeypatch.setattr(workdir_mod, "Checkpoints", FakeCheckpoints)
+    blown = _diverged_workdir(tmp_path)
+    remedy = _lower_rate(blown)
+    save_config(remedy, tmp_path / "config.json")  # the crash: config.json rewritten, diverged.json still there
+    with pytest.raises(ConfigError, match="lower --learning-rate"):
+        workdir_mod.apply_resume_rules(blown, tmp_path)  # the settings that blew up stay refused
+    assert workdir_mod.apply_resume_rules(remedy, tmp_path) == remedy
+    assert not (tmp_path / workdir_mod.DIVERGED).exists()
+    # a marker written before the optimizer was recorded in it: the settings of config.json are the ones that blew up
+    other = tmp_path / "old"
+    other.mkdir()
+    blown = _diverged_workdir(other, optim_recorded=False)
+    with pytest.raises(ConfigError, match="lower --learning-rate"):
+        workdir_mod.apply_resume_rules(blown, other)
+    assert workdir_mod.apply_resume_rules(_lower_rate(blown), other) == _lower_rate(blown)
+
+
+def test_resume_rules_before_the_first_checkpoint_and_for_a_finished_run(tmp_path, monkeypatch):
+    import dataclasses
+
+    from capsjax import workdir as workdir_mod
+    from capsjax.config import ConfigError, get_config, save_config
+
+    monkeypatch.setattr(workdir_mod, "Checkpoints", FakeCheckpoints)
+    # diverged before its first checkpoint: the same settings would blow up the same way (the run replays exactly)
+    blown = _diverged_workdir(tmp_path)
+    (tmp_path / "checkpoints" / "3").rmdir()
+    with pytest.raises(ConfigError, match="lower --learning-rate"):
+        workdir_mod.apply_resume_rules(blown, tmp_path)
+    # a checkpoints folder holding only a save cut short is no run to resume: other settings start a new one
+    fresh = tmp_path / "fresh"
+    (fresh / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000000").mkdir(parents=True)
+    save_config(get_config("smoke"), fresh / "config.json")
+    assert workdir_mod.apply_resume_rules(get_config("quick"), fresh) == get_config("quick")
+    # a finished run resumed for more epochs is not finished any more: its results.json goes until it ends again
+    done = tmp_path / "done"
+    (done / "checkpoints" / "9").mkdir(parents=True)
+    save_config(get_config("smoke"), done / "config.json")
+    (done / "results.json").write_text("{}")
+    more = dataclasses.replace(get_config("smoke"), epochs=get_config("smoke").epochs + 1)
+    workdir_mod.apply_resume_rules(more, done)
+    assert not (done / "results.json").exists()
+    with pytest.raises(ConfigError, match="other settings"):
+        workdir_mod.apply_resume_rules(get_config("quick"), done)
