@@ -119,7 +119,8 @@ class _StopOnSignal:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested, self.signal = True, signum
-        print(f"{self.prog}: {signal.Signals(signum).name}: saving and stopping (Ctrl-C again quits without saving)",
+        name = signal.Signals(signum).name
+        print(f"{self.prog}: {name}: saving and stopping (Ctrl-C again stops without finishing the step)",
               file=sys.stderr, flush=True)  # fmt: skip
 
     def exit_code(self) -> int:

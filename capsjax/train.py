@@ -58,6 +58,7 @@ class _Run:
     tensorboard: TensorBoard
     stop: distributed.StopSignal
     saved_step: int | None = None
+    window: Window | None = None  # the steps trained since the last report (the loop's)
     epoch_started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
@@ -158,7 +159,7 @@ def _epoch_batches(run: _Run, steps: Steps) -> Iterator[tuple[jax.Array, ...]]:
 
 
 def _loop(run: _Run, steps: Steps) -> None:
-    window = Window(run.config.batch_size)
+    window = run.window = Window(run.config.batch_size)
     if run.validate_first:
         _end_epoch(run, steps, window)
     while run.step < run.total_steps:
@@ -232,12 +233,17 @@ def _save(run: _Run, window: Window, metrics: dict[str, float] | None = None) ->
 
 
 def _save_on_interrupt(run: _Run) -> None:
-    """KeyboardInterrupt (a notebook's stop button): keep the steps done if the state is intact."""
-    if run.saved_step == run.step:
+    """KeyboardInterrupt (a notebook's stop button, the CLI's second Ctrl-C): keeps the steps done if the state is
+    intact, logging them and checking their losses first, as every save does."""
+    if run.saved_step == run.step or run.window is None:
         return
     try:
-        run.checkpoints.save(run.step, run.state)
+        if int(jax.device_get(run.state.step)) != run.step:  # between a step and its bookkeeping: not saved as step N
+            raise RuntimeError("the state and the step count disagree")
+        _save(run, run.window)
         run.console.write(f"interrupted: saved step {run.step} in {run.workdir}; run the same command to resume")
+    except TrainingDiverged as err:
+        run.console.write(f"interrupted: {err}")
     except Exception:  # the interrupt hit a step that had taken the state's buffers
         run.console.write(f"interrupted: the newest checkpoint in {run.workdir} is step {run.saved_step}")
 

@@ -211,6 +211,30 @@ def test_divergence_keeps_a_checkpoint_from_before_and_a_lower_rate_restarts_fro
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 13))
 
 
+def test_keyboard_interrupt_saves_the_steps_done_with_their_log(tmp_path, monkeypatch):
+    # A KeyboardInterrupt (a notebook's stop button) saved the state without logging the steps since the last report:
+    # metrics.jsonl lost them for good, and their losses were never checked for a blow-up.
+    import capsjax.train as train_mod
+
+    config = dataclasses.replace(SMALL, epochs=2, log_every_steps=100, checkpoint_every_steps=100)
+    real, calls = train_mod.wait_for_queue, []
+
+    def interrupt_at_step_5(pending):
+        real(pending)
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "wait_for_queue", interrupt_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(config, tmp_path)
+    assert Checkpoints(tmp_path).all_steps()[-1] == 5
+    assert [r["step"] for r in _records(tmp_path) if r["split"] == "train"] == [3, 5]
+    monkeypatch.setattr(train_mod, "wait_for_queue", real)
+    assert train_and_evaluate(config, tmp_path)["steps"] == 6
+    assert [r["step"] for r in _records(tmp_path) if r["split"] == "train"] == [3, 5, 6]
+
+
 # ---- defect 10: small inputs for eval and predict
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
