@@ -96,11 +96,11 @@ def test_two_processes_restart_a_diverged_run_with_new_settings(tmp_path):
     # back to the checkpoint from before. Every process must take part in the roll-back's checkpoint deletions (Orbax
     # waits on a barrier in each): when process 0 alone deleted, the processes met at different barriers and the run
     # could never be restarted.
-    blown = ("--set", "optim.decay_rate=1e6", "--set", "optim.decay_steps=1", "--set", "checkpoint_every_steps=1",
-             "--set", "safe_checkpoint_margin=2")  # fmt: skip
+    one_epoch = ("--epochs", "1", "--set", "checkpoint_every_steps=1", "--set", "safe_checkpoint_margin=2")
+    blown = (*one_epoch, "--set", "optim.decay_rate=1e6", "--set", "optim.decay_steps=1")
     results = _finish(_pair(tmp_path, _free_port(), args=blown))
     assert [code for code, _, _ in results] == [1, 1] and "non-finite" in results[0][2], results[0][2][-3000:]
-    results = _finish(_pair(tmp_path, _free_port()))
+    results = _finish(_pair(tmp_path, _free_port(), args=one_epoch))
     for code, _, stderr in results:
         assert code == 0, stderr[-3000:]
     assert "restarting from step" in results[0][1]
