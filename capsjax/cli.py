@@ -190,7 +190,7 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
     source.add_argument("--workdir", help="the training run's directory")
     source.add_argument("--weights", metavar="FILE.safetensors",
                         help="a weights file (python -m capsjax.weights export) instead of a work directory; "
-                        "figures and eval JSON go beside it unless --out-dir is given")  # fmt: skip
+                        "figures and eval JSON go to FILE_eval/ beside it unless --out-dir is given")  # fmt: skip
     parser.add_argument("--split", default="test",
                         help="dataset split to evaluate (default: test; MultiMNIST: test or validation pairs)")  # fmt: skip
     parser.add_argument("--dataset", default=None,
@@ -203,7 +203,9 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default="best", metavar="best|latest|STEP",
                         help="which checkpoint: the best validated one (default; the latest before the first epoch "
                         "ends), the latest, or a step number")  # fmt: skip
-    parser.add_argument("--out-dir", default=None, help="where to write eval JSON and figures (default: the workdir)")
+    parser.add_argument("--out-dir", default=None,
+                        help="where to write eval JSON and figures (default: the workdir, or FILE_eval/ beside "
+                        "--weights)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--no-figures", action="store_true")
     parser.add_argument("--version", action="version", version=f"capsjax {__version__}")

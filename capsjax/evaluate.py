@@ -249,7 +249,8 @@ def evaluate_workdir(
 ) -> dict[str, Any]:
     """Evaluates a trained run on ``split`` of its dataset (placed on its canvas as in training, for expanded MNIST)
     and writes ``eval_<split>.json`` and the figures (reconstructions, pose-perturbation grid, training curves,
-    confusion matrix) into ``out_dir`` (default: ``workdir``).
+    confusion matrix) into ``out_dir`` (default: ``workdir``; for a weights file ``FILE.safetensors``, the folder
+    ``FILE_eval`` beside it).
 
     With another ``dataset`` (e.g. ``"affine_mnist"`` or ``"affnist"`` for a run trained on expanded MNIST) it
     writes ``eval_<dataset>_<split>.json``, ``<dataset>_examples.png`` (transformed digits with predictions and, for
@@ -265,7 +266,9 @@ def evaluate_workdir(
     from capsjax.data.canvas import DATASET_NOTES
 
     run = load_run(workdir, which)
-    out_dir = Path(out_dir or (Path(workdir).parent if run.which == "weights" else workdir))
+    if out_dir is None:  # a weights file: its own folder beside it, never over the files its run recorded
+        out_dir = Path(workdir).with_name(Path(workdir).stem + "_eval") if run.which == "weights" else workdir
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = run.config
     own = dataset is None or dataset == config.dataset

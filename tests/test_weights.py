@@ -52,6 +52,20 @@ def test_predict_from_a_weights_file_equals_the_model_with_rounded_parameters(tm
     np.testing.assert_allclose(from_file.lengths, direct.lengths, rtol=1e-6, atol=1e-7)
 
 
+def test_evaluating_a_weights_file_leaves_the_files_of_its_run_alone(tmp_path, params):
+    # results/<run>/ holds a weights file beside the run's own eval_test.json and figures: evaluating the weights
+    # wrote its eval_test.json (checkpoint "weights") and figures over them.
+    from capsjax.evaluate import evaluate_workdir
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    path = weights.save_weights(folder / "params.safetensors", params, CONFIG, step=5)
+    (folder / "eval_test.json").write_text("{}\n")  # what the run recorded
+    evaluate_workdir(path, figures=False)
+    assert (folder / "eval_test.json").read_text() == "{}\n"
+    assert json.loads((folder / "params_eval" / "eval_test.json").read_text())["checkpoint"] == "weights"
+
+
 def test_broken_weights_files_are_one_clear_error(tmp_path, params):
     with pytest.raises(weights.WeightsError, match="not found"):
         weights.read_weights(tmp_path / "missing.safetensors")
