@@ -115,6 +115,8 @@ def load_run(workdir: str | Path, which: str = "best", log=print) -> Run:
     from capsjax import weights
 
     if weights.is_weights_file(workdir):
+        if which not in ("best", "weights"):
+            raise ConfigError(f"a weights file holds one set of parameters; drop the checkpoint choice {which!r}")
         return _load_weights(workdir)
     if which not in ("best", "latest") and not str(which).isdigit():
         raise ConfigError(f"checkpoint must be 'best', 'latest' or a step number, got {which!r}")
@@ -154,7 +156,7 @@ def _load_weights(path: str | Path) -> Run:
     graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
     params = weights.params_from_arrays(state.params, arrays, str(path))
     params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    steps = make_steps(graphdef, config.optim, config.loss, mesh=mesh)
+    steps = make_steps(graphdef, config.optim, config.loss, mesh=mesh, num_targets=config.model.num_targets)
     return Run(config, steps, params, int(metadata.get("step", 0)), "weights")
 
 

@@ -110,7 +110,8 @@ def summarize(folder: Path) -> dict[str, Any]:
         "seconds_to_target": None,
     }
     if validation:
-        best = max(validation, key=lambda r: (r["accuracy"], -r["step"]))  # the first of equals, as the checkpoints
+        # the newest of equals, as the checkpoint manager (Orbax's best step and BestN take the last of a stable sort)
+        best = max(validation, key=lambda r: (r["accuracy"], r["step"]))
         summary["best_validation_accuracy"] = best["accuracy"]
         summary["best_epoch"] = round(best["step"] / (validation[0]["step"] or 1))
         summary["test_accuracy_at_best"] = tests.get(best["step"], {}).get("accuracy")

@@ -341,6 +341,29 @@ def test_two_target_steps_train_and_score():
     assert first8["accuracy"] == pytest.approx(exact.mean())
 
 
+def test_multimnist_weights_file_scores_pairs_like_its_parameters(tmp_path):
+    # A weights file of a MultiMNIST run loaded with the one-target steps: scoring pairs failed with a jit argument
+    # error instead of a result.
+    import dataclasses
+
+    from capsjax import weights
+    from capsjax.config import ConfigError, ModelConfig, OptimConfig, get_config
+    from capsjax.evaluate import evaluate_arrays, load_run
+    from capsjax.steps import init_state, make_steps
+
+    config = dataclasses.replace(get_config("multimnist"), model=ModelConfig(**TINY2))
+    graphdef, state = init_state(config.model, OptimConfig(), seed=0)
+    path = weights.save_weights(tmp_path / "w.safetensors", state.params, config, step=1, dtype="float32")
+    images, labels, digits = _pairs(10, seed=1)
+    run = load_run(path)
+    direct = evaluate_arrays(make_steps(graphdef, OptimConfig(), num_targets=2), state.params, images, labels, 4,
+                             digits=digits)  # fmt: skip
+    from_file = evaluate_arrays(run.steps, run.params, images, labels, 4, digits=digits)
+    assert from_file["accuracy"] == direct["accuracy"] and from_file["loss"] == pytest.approx(direct["loss"])
+    with pytest.raises(ConfigError, match="one set of parameters"):
+        load_run(path, "latest")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training, resuming and evaluating through the trainer and the CLIs
 # ---------------------------------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ def test_summary_by_hand(tmp_path):
     write_run(folder, [0.990, 0.995, 0.994], [0.991, 0.996, 0.996], [60.0, 90.0, 30.0])
     s = results.summarize(folder)
     assert (s["epochs_done"], s["epochs_planned"], s["wall_time_s"]) == (3, 5, 180.0)
-    # best validation: epoch 2 (epoch 3 ties and comes later, as the checkpoint manager keeps the first)
-    assert (s["best_validation_accuracy"], s["best_epoch"], s["test_accuracy_at_best"]) == (0.996, 2, 0.995)
+    # best validation: epoch 3 ties with epoch 2 and comes later; the checkpoint manager keeps the newest of equals
+    assert (s["best_validation_accuracy"], s["best_epoch"], s["test_accuracy_at_best"]) == (0.996, 3, 0.994)
     assert s["last_test_accuracy"] == 0.994
     assert s["seconds_to_target"] == 150.0  # 99.5% first reached at the end of epoch 2
     write_run(tmp_path / "slow", [0.98, 0.99], [0.98, 0.99], [60.0, 60.0])
@@ -79,3 +79,19 @@ def test_the_readme_results_table_is_generated_from_results():
     assert results.write_table(ROOT / "README.md", ROOT / "results", check=True), (
         "README.md's results table differs from results/: run python -m capsjax.results table --write README.md"
     )
+
+
+def test_the_best_of_equal_epochs_is_the_one_the_checkpoints_keep(tmp_path):
+    # The table reported the first of two epochs with equal validation accuracy; eval.py, results.json and the
+    # weights export use the checkpoint manager's best step, the newest of equals.
+    import jax.numpy as jnp
+
+    from capsjax.checkpoint import Checkpoints
+
+    checkpoints = Checkpoints(tmp_path / "run")
+    for step in (3, 6):
+        checkpoints.save(step, {"w": jnp.zeros(2)}, metrics={"accuracy": 0.996})
+    assert checkpoints.best_step() == 6
+    checkpoints.close()
+    write_run(tmp_path / "logged", [0.995, 0.994], [0.996, 0.996], [60.0, 60.0])
+    assert results.summarize(tmp_path / "logged")["best_epoch"] == 2
