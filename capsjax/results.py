@@ -87,8 +87,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def summarize(folder: Path) -> dict[str, Any]:
     """What the table shows of one run folder: epochs done and planned, the best validation accuracy and the test
-    accuracy logged for that checkpoint, the last test accuracy, wall time (the sum of the epochs' training times),
-    and the training time until the test accuracy first reached :data:`TARGET_ACCURACY` (None if it never did)."""
+    accuracy logged for that checkpoint, the last test accuracy, wall time (the sum of the epochs' logged wall times:
+    training plus the epoch's validation and test), ``partly_timed`` (some epoch was resumed inside, so its logged time
+    misses the steps before the resume), and the wall time until the test accuracy first reached
+    :data:`TARGET_ACCURACY` (None if it never did)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     record = json.loads((folder / "record.json").read_text()) if (folder / "record.json").exists() else {}
@@ -108,7 +110,13 @@ def summarize(folder: Path) -> dict[str, Any]:
         "test_accuracy_at_best": None,
         "last_test_accuracy": None,
         "seconds_to_target": None,
+        "partly_timed": False,
     }
+    previous_step = 0
+    for r in validation:  # logs written before "timed_steps" existed: unknown, taken as whole
+        if r.get("timed_steps", r["step"] - previous_step) < r["step"] - previous_step:
+            summary["partly_timed"] = True
+        previous_step = r["step"]
     if validation:
         # the newest of equals, as the checkpoint manager (Orbax's best step and BestN take the last of a stable sort)
         best = max(validation, key=lambda r: (r["accuracy"], r["step"]))
@@ -141,7 +149,7 @@ def table(results_dir: str | Path = "results") -> str:
     """The README's results table (Markdown), one row per folder of ``results_dir`` that has a ``config.json``."""
     rows = [
         "| run | dataset | epochs | test accuracy (best-validation checkpoint) | best validation | last test "
-        f"| training time | to {100 * TARGET_ACCURACY:g}% test | machine | command |",
+        f"| wall time | to {100 * TARGET_ACCURACY:g}% test | machine | command |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     folders = sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists())
@@ -150,13 +158,16 @@ def table(results_dir: str | Path = "results") -> str:
         epochs = f"{s['epochs_done']} of {s['epochs_planned']}"
         if s["status"] and s["status"] != "complete":
             epochs += f" ({s['status']})"
+        at_least = "≥ " if s["partly_timed"] else ""  # an epoch resumed inside was timed from the resume only
         best = _percent(s["test_accuracy_at_best"])
         if s["best_validation_accuracy"] is not None:
             best += f" (epoch {s['best_epoch']})"
         rows.append(
             f"| [{s['name']}](results/{s['name']}) | {s['dataset']} | {epochs} | {best} "
             f"| {_percent(s['best_validation_accuracy'])} | {_percent(s['last_test_accuracy'])} "
-            f"| {_duration(s['wall_time_s'])} | {_duration(s['seconds_to_target'])} | {s['machine']} "
+            f"| {at_least}{_duration(s['wall_time_s'])} "
+            f"| {at_least if s['seconds_to_target'] is not None else ''}{_duration(s['seconds_to_target'])} "
+            f"| {s['machine']} "
             f"| `{s['command']}` |"
         )
     return "\n".join(rows)

@@ -60,6 +60,7 @@ class _Run:
     saved_step: int | None = None
     window: Window | None = None  # the steps trained since the last report (the loop's)
     epoch_started: float = dataclasses.field(default_factory=time.perf_counter)
+    epoch_first_step: int | None = None  # the step this process started the current epoch's timing at
 
     @property
     def total_steps(self) -> int:
@@ -164,6 +165,7 @@ def _loop(run: _Run, steps: Steps) -> None:
         _end_epoch(run, steps, window)
     while run.step < run.total_steps:
         run.epoch_started = window.started = time.perf_counter()
+        run.epoch_first_step = run.step
         stop = False
         for batch in _epoch_batches(run, steps):
             run.state, metrics = steps.train(run.state, *batch)
@@ -263,6 +265,10 @@ def _without_tables(metrics: dict[str, Any]) -> dict[str, Any]:
 def _end_epoch(run: _Run, steps: Steps, window: Window) -> None:
     """Validates the epoch that just ended (and tests, with ``test_every_epoch``), then saves with the metrics."""
     _report(run, window)
+    train_time = time.perf_counter() - run.epoch_started
+    # the steps of this epoch that this process trained and timed: fewer after a resume inside the epoch, none when
+    # it only validates an epoch trained before a stop
+    timed_steps = 0 if run.epoch_first_step is None else run.step - run.epoch_first_step
     config, epoch, name = run.config, run.step // run.steps_per_epoch, run.datasets.validation_name
     stop = run.stop.now
     try:
@@ -277,8 +283,8 @@ def _end_epoch(run: _Run, steps: Steps, window: Window) -> None:
     for split, metrics in ((name, validation), ("test", test)):
         if metrics is not None:
             record = {"step": run.step, "epoch": epoch, "split": split, **_without_tables(metrics)}
-            if split == name:
-                record["epoch_time_s"] = epoch_time
+            if split == name:  # wall time of the epoch: training, then its validation (and test)
+                record.update(epoch_time_s=epoch_time, train_time_s=train_time, timed_steps=timed_steps)
             run.log.write(record)
             run.tensorboard.record(record)
     _reconstructions_to_tensorboard(run, steps)

@@ -235,6 +235,22 @@ def test_keyboard_interrupt_saves_the_steps_done_with_their_log(tmp_path, monkey
     assert [r["step"] for r in _records(tmp_path) if r["split"] == "train"] == [3, 5, 6]
 
 
+def test_epoch_times_say_what_they_timed_across_a_resume(tmp_path):
+    # A resume inside an epoch timed only the steps after it, and the logged epoch time was read as the epoch's
+    # training time although it included the validation and test.
+    from capsjax import results
+    from capsjax.train import Preempted
+
+    config = dataclasses.replace(SMALL, epochs=2, test_every_epoch=True, checkpoint_every_steps=1)
+    with pytest.raises(Preempted):  # asked to stop once step 4 is saved: stops (and saves) at step 5
+        train_and_evaluate(config, tmp_path, should_stop=lambda: (tmp_path / "checkpoints" / "4").is_dir())
+    train_and_evaluate(config, tmp_path)
+    epochs = [r for r in _records(tmp_path) if r["split"] == "validation"]
+    assert [r["timed_steps"] for r in epochs] == [3, 1]  # epoch 2 resumed at step 5: step 6 timed
+    assert all(0 < r["train_time_s"] < r["epoch_time_s"] for r in epochs)
+    assert results.summarize(tmp_path)["partly_timed"]
+
+
 # ---- defect 10: small inputs for eval and predict
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -95,3 +95,21 @@ def test_the_best_of_equal_epochs_is_the_one_the_checkpoints_keep(tmp_path):
     checkpoints.close()
     write_run(tmp_path / "logged", [0.995, 0.994], [0.996, 0.996], [60.0, 60.0])
     assert results.summarize(tmp_path / "logged")["best_epoch"] == 2
+
+
+def test_a_partly_timed_epoch_makes_the_wall_time_a_lower_bound(tmp_path):
+    folder = tmp_path / "run"
+    write_run(folder, [0.990, 0.996], [0.991, 0.996], [60.0, 30.0])  # 10 steps per epoch
+    lines = (folder / "metrics.jsonl").read_text().splitlines()[:-1]  # without the cut-off line
+    records = [json.loads(line) for line in lines]
+    for r in records:
+        if r["split"] == "validation":
+            r["timed_steps"] = 10 if r["step"] == 10 else 4  # epoch 2 was resumed after its 6th step
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert results.summarize(folder)["partly_timed"]
+    row = results.table(tmp_path).splitlines()[-1]
+    assert "| ≥ 2 min | ≥ 2 min |" in row, row  # 90 s in all, 99.5% test reached in epoch 2
+    for r in records:
+        r.pop("timed_steps", None)  # a log written before timed_steps existed: taken as whole
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert not results.summarize(folder)["partly_timed"]
