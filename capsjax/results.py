@@ -200,19 +200,27 @@ def collect(
     workdir: str | Path, dest: str | Path, command: str, status: str | None = None, note: str | None = None
 ) -> Path:
     """Copies a run's small files from ``workdir`` into ``dest`` and writes ``dest/record.json``; rerun it as the run
-    grows (the first collection's date is kept). ``status`` defaults to "complete" once ``results.json`` exists,
-    "in progress" before; ``note`` (kept until replaced) says what a reader should know, e.g. what else ran."""
+    grows (the first collection's date is kept; copies whose source is gone are removed). ``status`` defaults to
+    "complete" once ``results.json`` exists, "in progress" before, "diverged ..." while ``diverged.json`` does;
+    ``note`` (kept until replaced) says what a reader should know, e.g. what else ran."""
     workdir, dest = Path(workdir).expanduser(), Path(dest)
     if not (workdir / "config.json").exists():
         raise ValueError(f"{workdir} has no config.json: is it a capsjax work directory?")
     dest.mkdir(parents=True, exist_ok=True)
-    for name in COPIED:
-        if (workdir / name).exists():
-            shutil.copy2(workdir / name, dest / name)
-    for pattern in COPIED_GLOBS:
-        for path in workdir.glob(pattern):
-            if path.suffix != ".png" or path.stat().st_size <= MAX_FIGURE_BYTES:
-                shutil.copy2(path, dest / path.name)
+    sources = [workdir / name for name in COPIED if (workdir / name).exists()]
+    sources += [
+        path for pattern in COPIED_GLOBS for path in sorted(workdir.glob(pattern))
+        if path.suffix != ".png" or path.stat().st_size <= MAX_FIGURE_BYTES
+    ]  # fmt: skip
+    # A copy whose source is gone (results.json of a run resumed for more epochs, diverged.json after the restart, a
+    # figure grown past the limit) would describe another state of the run: removed.
+    kept = {path.name for path in sources}
+    for pattern in (*COPIED, *COPIED_GLOBS):
+        for stale in dest.glob(pattern):
+            if stale.name not in kept:
+                stale.unlink()
+    for path in sources:
+        shutil.copy2(path, dest / path.name)
     record_path = dest / "record.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -221,12 +229,19 @@ def collect(
         command=command,
         machine=record.get("machine") or machine(),
         last_collected=now,
-        status=status or ("complete" if (workdir / "results.json").exists() else "in progress"),
+        status=status or _status(workdir),
     )
     if note is not None:
         record["note"] = note
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return dest
+
+
+def _status(workdir: Path) -> str:
+    if (workdir / "diverged.json").exists():
+        step = json.loads((workdir / "diverged.json").read_text()).get("step")
+        return f"diverged at step {step}: rerun with a lower learning rate"
+    return "complete" if (workdir / "results.json").exists() else "in progress"
 
 
 def replay(folder: str | Path, steps: int, data_dir: str | None = None, rtol: float = 1e-4) -> dict[str, Any]:

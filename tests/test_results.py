@@ -57,6 +57,15 @@ def test_collect_then_table(tmp_path):
     row = text.splitlines()[2]
     assert "[mnist-x](results/mnist-x)" in row and "99.00% (epoch 1)" in row and "2 min" in row
     assert "`python train.py --x`" in row and "1 of 5" in row
+    # the run goes on for more epochs (its results.json goes), then diverges: the copies follow, nothing stale stays
+    (workdir / "results.json").unlink()
+    (workdir / "small.png").write_bytes(b"\0" * (results.MAX_FIGURE_BYTES + 1))  # grew past the limit
+    (workdir / "diverged.json").write_text('{"step": 12, "safe_step": 10}')
+    (dest / "params.safetensors").write_bytes(b"w")  # not a copy of the workdir's: kept
+    record = json.loads((results.collect(workdir, dest, "python train.py --x") / "record.json").read_text())
+    assert record["status"] == "diverged at step 12: rerun with a lower learning rate"
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "diverged.json", "metrics.jsonl",
+                                                      "params.safetensors", "record.json"]  # fmt: skip
     with pytest.raises(ValueError, match="config.json"):
         results.collect(tmp_path / "nothing", tmp_path / "results" / "y", "cmd")
 
