@@ -192,7 +192,8 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
                         help="a weights file (python -m capsjax.weights export) instead of a work directory; "
                         "figures and eval JSON go to FILE_eval/ beside it unless --out-dir is given")  # fmt: skip
     parser.add_argument("--split", default="test",
-                        help="dataset split to evaluate (default: test; MultiMNIST: test or validation pairs)")  # fmt: skip
+                        help="dataset split to evaluate: test (default), validation (the run's held-out examples) or "
+                        "train (those it trained on); MultiMNIST: test or validation pairs")  # fmt: skip
     parser.add_argument("--dataset", default=None,
                         help="evaluate on another dataset than the run's: affine_mnist (an approximation of affNIST, "
                         "built from the MNIST files) or affnist (the official .mat files, with --data-dir), for a run "

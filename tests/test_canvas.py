@@ -92,6 +92,17 @@ def test_expanded_mnist_preset_and_splits(mnist_dir):
     images, labels = datalib.load_eval_split(config, "test")  # what eval.py scores: the same fixed test set
     np.testing.assert_array_equal(images, splits.test[0])
     assert datalib.adapt_model_to_data(config, splits) == config
+    # --split validation scores the run's held-out digits (it was "unknown split"); --split train the digits it trained
+    # on, without the held-out ones (it scored all 60,000), at fixed offsets of the canvas
+    images, labels = datalib.load_eval_split(config, "validation")
+    np.testing.assert_array_equal(images, splits.validation[0])
+    np.testing.assert_array_equal(labels, splits.validation[1])
+    small = dataclasses.replace(config, train_examples=500)
+    images, labels = datalib.load_eval_split(small, "train")
+    np.testing.assert_array_equal(images, fixed_placement(splits.train[0][:500], 40, "train"))
+    np.testing.assert_array_equal(labels, splits.train[1][:500])
+    with pytest.raises(ConfigError, match="held out no validation examples"):
+        datalib.load_eval_split(dataclasses.replace(config, validation_examples=0), "validation")
 
 
 # ---- the affine set

@@ -128,9 +128,11 @@ def load_eval_split(
 ) -> tuple[np.ndarray, ...]:
     """The images and labels a run is evaluated on: ``split`` of the run's dataset, placed on its canvas as in
     training (expanded MNIST), or of another ``dataset`` taken as it is (e.g. ``affine_mnist`` or ``affnist``, 40x40,
-    for a run trained on expanded MNIST). For a MultiMNIST run, its fixed ``"test"`` or ``"validation"`` pairs
-    ``(images, labels, digits)`` (:func:`load_datasets`). ``data_dir`` defaults to the run's for its dataset and the datasets built
-    from it. Raises :class:`ConfigError` if the images don't fit the run's model."""
+    for a run trained on expanded MNIST). The run's own ``"train"`` and ``"validation"`` splits are those it trained
+    and validated on (the held-out examples, ``train_examples``). For a MultiMNIST run, its fixed ``"test"`` or
+    ``"validation"`` pairs ``(images, labels, digits)`` (:func:`load_datasets`). ``data_dir`` defaults to the run's
+    for its dataset and the datasets built from it. Raises :class:`ConfigError` if the images don't fit the run's
+    model."""
     name = dataset or config.dataset
     if name == "multimnist" == config.dataset:  # its fixed pairs, as in training
         if split not in ("test", "validation"):
@@ -139,9 +141,17 @@ def load_eval_split(
         return datasets.test if split == "test" else datasets.validation
     if data_dir is None and DERIVED_FROM.get(name, name) == config.dataset:
         data_dir = config.data_dir
-    images, labels = load(name, split, data_dir)
-    if name == config.dataset:
-        images = _on_canvas(config, images, split)
+    if name == config.dataset and split in ("train", "validation"):  # the run's own split of its training data
+        if split == "validation" and not config.validation_examples:
+            raise ConfigError("the run held out no validation examples (validation_examples=0); evaluate --split test")
+        datasets = load_datasets(dataclasses.replace(config, data_dir=data_dir))
+        images, labels = datasets.validation if split == "validation" else datasets.train
+        if split == "train":  # as trained (without the held-out examples), at the fixed offsets of a canvas
+            images = _on_canvas(config, images, "train")
+    else:
+        images, labels = load(name, split, data_dir)
+        if name == config.dataset:
+            images = _on_canvas(config, images, split)
     expected = tuple(config.model.image_shape)
     if tuple(images.shape[1:]) != expected:
         hint = " (train on expanded MNIST, --preset expanded_mnist, for 40x40 sets)" if images.shape[1] == 40 else ""
