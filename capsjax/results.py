@@ -95,14 +95,16 @@ def summarize(folder: Path) -> dict[str, Any]:
     config = json.loads((folder / "config.json").read_text())
     record = json.loads((folder / "record.json").read_text()) if (folder / "record.json").exists() else {}
     records = read_metrics(folder / "metrics.jsonl")
-    validation = [r for r in records if r.get("split") == "validation" and "epoch_time_s" in r]
+    # each epoch's record: its validation, or its test for a run that held out no validation examples
+    epochs = [r for r in records if "epoch_time_s" in r and r.get("split") in ("validation", "test")]
+    validation = [r for r in epochs if r["split"] == "validation"]
     tests = {r["step"]: r for r in records if r.get("split") == "test" and not r.get("final")}
     summary: dict[str, Any] = {
         "name": folder.name,
         "dataset": config["dataset"],
-        "epochs_done": len(validation),
+        "epochs_done": len(epochs),
         "epochs_planned": config["epochs"],
-        "wall_time_s": sum(r["epoch_time_s"] for r in validation),
+        "wall_time_s": sum(r["epoch_time_s"] for r in epochs),
         "command": record.get("command", ""),
         "machine": record.get("machine", ""),
         "status": record.get("status", ""),
@@ -113,7 +115,7 @@ def summarize(folder: Path) -> dict[str, Any]:
         "partly_timed": False,
     }
     previous_step = 0
-    for r in validation:  # logs written before "timed_steps" existed: unknown, taken as whole
+    for r in epochs:  # logs written before "timed_steps" existed: unknown, taken as whole
         if r.get("timed_steps", r["step"] - previous_step) < r["step"] - previous_step:
             summary["partly_timed"] = True
         previous_step = r["step"]
@@ -124,7 +126,7 @@ def summarize(folder: Path) -> dict[str, Any]:
         summary["best_epoch"] = round(best["step"] / (validation[0]["step"] or 1))
         summary["test_accuracy_at_best"] = tests.get(best["step"], {}).get("accuracy")
     elapsed = 0.0
-    for r in validation:
+    for r in epochs:
         elapsed += r["epoch_time_s"]
         accuracy = tests.get(r["step"], {}).get("accuracy")
         if accuracy is not None:

@@ -122,3 +122,17 @@ def test_a_partly_timed_epoch_makes_the_wall_time_a_lower_bound(tmp_path):
         r.pop("timed_steps", None)  # a log written before timed_steps existed: taken as whole
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert not results.summarize(folder)["partly_timed"]
+
+
+def test_a_run_without_validation_examples_is_summarized_from_its_test_records(tmp_path):
+    # With validation_examples=0 each epoch's timed record is its test record: the table showed "0 of N" epochs.
+    folder = tmp_path / "run"
+    folder.mkdir()
+    save_config(get_config("default"), folder / "config.json")
+    records = [{"step": 10 * e, "split": "test", "accuracy": a, "epoch_time_s": 60.0, "timed_steps": 10}
+               for e, a in ((1, 0.990), (2, 0.996))]  # fmt: skip
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    s = results.summarize(folder)
+    assert (s["epochs_done"], s["wall_time_s"]) == (2, 120.0)
+    assert s["last_test_accuracy"] == 0.996 and s["seconds_to_target"] == 120.0
+    assert s["best_validation_accuracy"] is None and s["test_accuracy_at_best"] is None  # no test-set selection
