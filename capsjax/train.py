@@ -96,7 +96,7 @@ def train_and_evaluate(
     lock = distributed.lock_workdir(WorkdirLock(workdir))  # 3. work directory and state
     try:
         distributed.check_shared(workdir)
-        config = apply_resume_rules(config, workdir)
+        config = apply_resume_rules(config, workdir, datasets.fingerprint())
         graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
         run = _open_run(config, workdir, datasets, steps_per_epoch, state, should_stop)
         augment = datalib.train_augmentation(config.max_shift, config.canvas_size, config.horizontal_flip)

@@ -26,6 +26,7 @@ from capsjax.config import ConfigError, OptimConfig, TrainConfig, from_dict, loa
 from capsjax.files import write_atomic
 
 DIVERGED = "diverged.json"  # written when the loss blows up: the bad step and the checkpoint to restart from
+DATA = "data.json"  # the fingerprint of the training and validation data the run started with
 
 # Fields a resumed run may change: they do not alter what the steps already taken computed or the steps to come.
 RESUMABLE_CHANGES = frozenset(
@@ -211,16 +212,25 @@ def check_resume(previous: TrainConfig, current: TrainConfig, workdir: Path, all
         )
 
 
-def apply_resume_rules(config: TrainConfig, workdir: Path) -> TrainConfig:
-    """Refuses settings that can't continue the run in ``workdir``; after a divergence, requires new optimizer settings
-    and rolls the run back to the checkpoint from before the blow-up. Writes ``config.json``."""
-    path, marker = workdir / "config.json", workdir / DIVERGED
-    previous = diverged = None
+def apply_resume_rules(config: TrainConfig, workdir: Path, data_fingerprint: str | None = None) -> TrainConfig:
+    """Refuses settings that can't continue the run in ``workdir``, and training data other than the run's (by
+    ``data_fingerprint``, :meth:`capsjax.data.Datasets.fingerprint`, kept in ``data.json``); after a divergence,
+    requires new optimizer settings and rolls the run back to the checkpoint from before the blow-up. Writes
+    ``config.json``."""
+    path, marker, data_file = workdir / "config.json", workdir / DIVERGED, workdir / DATA
+    previous = diverged = recorded_data = None
     if path.exists() and (marker.exists() or _has_checkpoints(workdir)):
         previous = load_config(path)
         diverged = json.loads(marker.read_text()) if marker.exists() else None
+        recorded_data = json.loads(data_file.read_text()).get("fingerprint") if data_file.exists() else None
     # Every process has read the run's state before process 0 changes it (rolls back, rewrites config.json).
     distributed.barrier("resume_state")
+    if None not in (recorded_data, data_fingerprint) and recorded_data != data_fingerprint:
+        raise ConfigError(
+            f"the training or validation data differ from those the run in {workdir} started with (other files, or "
+            f"a source that orders them differently, from --data-dir {config.data_dir or '(default)'}); resume with "
+            "its data, or start a new run with another --workdir"
+        )
     if previous is not None:
         if diverged is not None:
             # the settings that blew up (a diverged.json written before "optim" was recorded: those of config.json;
@@ -240,6 +250,8 @@ def apply_resume_rules(config: TrainConfig, workdir: Path) -> TrainConfig:
         save_config(config, path)
         marker.unlink(missing_ok=True)
         (workdir / "results.json").unlink(missing_ok=True)  # written again when this run ends: until then, not done
+        if data_fingerprint is not None:
+            write_atomic(data_file, json.dumps({"fingerprint": data_fingerprint}) + "\n")
     return config
 
 

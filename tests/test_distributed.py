@@ -241,3 +241,24 @@ def test_resume_rules_before_the_first_checkpoint_and_for_a_finished_run(tmp_pat
     assert not (done / "results.json").exists()
     with pytest.raises(ConfigError, match="other settings"):
         workdir_mod.apply_resume_rules(get_config("quick"), done)
+
+
+def test_a_resume_on_other_training_data_is_refused(tmp_path):
+    # data_dir may change on resume (the files moved); data in another order (another source) made the held-out
+    # examples part of the training data without a word.
+    import dataclasses
+
+    from capsjax import data as datalib
+    from capsjax import workdir as workdir_mod
+    from capsjax.config import ConfigError, get_config
+
+    config = dataclasses.replace(get_config("smoke"), train_examples=64, validation_examples=16)
+    datasets = datalib.load_datasets(config)
+    assert datasets.fingerprint() == datalib.load_datasets(config).fingerprint()  # the same data, the same print
+    workdir_mod.apply_resume_rules(config, tmp_path, datasets.fingerprint())  # a new run records it
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    workdir_mod.apply_resume_rules(config, tmp_path, datasets.fingerprint())
+    images, labels = datasets.train
+    shuffled = dataclasses.replace(datasets, train=(images[::-1], labels[::-1]))
+    with pytest.raises(ConfigError, match="data differ from those the run"):
+        workdir_mod.apply_resume_rules(config, tmp_path, shuffled.fingerprint())

@@ -29,7 +29,7 @@ SMALL = dataclasses.replace(
     get_config("smoke"), train_examples=96, validation_examples=32, epochs=3, checkpoint_every_steps=3,
     log_every_steps=1, progress=False, tensorboard=False, safe_checkpoint_margin=0, test_every_epoch=False,
 )  # fmt: skip
-TIMING = ("images_per_s", "epoch_time_s")
+TIMING = ("images_per_s", "epoch_time_s", "train_time_s", "timed_steps")  # what a resume may change
 
 
 def _records(workdir):

@@ -13,6 +13,7 @@ training digits and from the test split), the same on every run, machine and pro
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -44,6 +45,17 @@ class Datasets:
     validation_name: str  # "validation" (held out of train) or "test"
     pairs: MultiMNISTConfig | None = None
     num_classes: int | None = None  # MultiMNIST: the length of the k-hot labels
+
+    def fingerprint(self) -> str:
+        """A SHA-256 of the training and validation arrays (values, shapes and order): a resumed run checks that it
+        trains and validates on what it started with (other files, or a source that orders them differently, would
+        mix held-out and training examples). The test set may change (e.g. ``multimnist.test_pairs``)."""
+        digest = hashlib.sha256()
+        for array in (*self.train, *self.validation):
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype}{array.shape}".encode())
+            digest.update(array.data)
+        return digest.hexdigest()
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
