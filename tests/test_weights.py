@@ -124,20 +124,23 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", COMMITTED or [None], ids=lambda p: p.parent.name if p else "none")
-def test_committed_weights_score_the_recorded_test_accuracy(path, mnist_dir):
+def test_committed_weights_score_the_recorded_test_accuracy(path, mnist_dir, optimized_env, tmp_path):
     """Each reference run's float16 weights score the test accuracy its log recorded for the best-validation
-    checkpoint, within 0.05 percentage points."""
+    checkpoint, within 0.05 percentage points: through eval.py, as a user runs it (XLA's optimised code)."""
     if path is None:
         pytest.skip("no weights committed under results/")
-    from capsjax import data
-    from capsjax.evaluate import evaluate_arrays
     from capsjax.results import summarize
 
-    run = load_run(path)
-    data_dir = {"mnist": mnist_dir, "fashion_mnist": FASHION_DIR}.get(run.config.dataset)
+    config, _, _ = weights.read_weights(path)
+    data_dir = {"mnist": mnist_dir, "fashion_mnist": FASHION_DIR}.get(config.dataset)
     if data_dir is None or not Path(data_dir).exists():
-        pytest.skip(f"no local {run.config.dataset} data")
-    images, labels = data.load(run.config.dataset, "test", data_dir)
-    accuracy = evaluate_arrays(run.steps, run.params, images, labels, 100)["accuracy"]
+        pytest.skip(f"no local {config.dataset} data")
+    done = subprocess.run(
+        [sys.executable, "eval.py", "--weights", str(path), "--data-dir", str(data_dir), "--no-figures",
+         "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, env={**optimized_env, "JAX_NUM_CPU_DEVICES": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    accuracy = json.loads((tmp_path / "eval_test.json").read_text())["accuracy"]
     recorded = summarize(path.parent)["test_accuracy_at_best"]
     assert abs(accuracy - recorded) <= 0.0005, (accuracy, recorded)
