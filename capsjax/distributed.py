@@ -141,11 +141,7 @@ def lock_workdir(lock):
         from capsjax.workdir import WorkdirBusy
 
         raise WorkdirBusy(f"{lock.path.parent} is in use by another run (see process 0's message)")
-    _held_locks.append(lock)  # released by _die too, which ends the process without unwinding
     return lock
-
-
-_held_locks: list = []
 
 
 def check_shared(workdir: Path, timeout: float | None = None) -> None:
@@ -203,8 +199,9 @@ _RESUME_HINT = "rerun every process with the same command to resume from the las
 
 def _die(prog: str, message: str) -> None:
     os.write(_NativeStderr.real_fd or 2, f"{prog}: error: {message}\n".encode())
-    for lock in _held_locks:  # else a relaunch whose process 0 runs on another host finds the workdir locked
-        lock.release()
+    from capsjax.workdir import WorkdirLock
+
+    WorkdirLock.release_all()  # os._exit skips the finally that would: a relaunch on another host would find it locked
     os._exit(1)
 
 

@@ -68,6 +68,8 @@ class WorkdirLock:
     can't be checked from here, so the error says how to remove it.
     """
 
+    _held: list["WorkdirLock"] = []  # this process's held locks, for :meth:`release_all`
+
     def __init__(self, workdir: str | Path):
         self.path = Path(workdir) / "LOCK"
         self.held = False
@@ -91,6 +93,7 @@ class WorkdirLock:
             with os.fdopen(fd, "w") as f:
                 json.dump(owner, f)
             self.held = True
+            WorkdirLock._held.append(self)
             return self
         raise WorkdirBusy(f"could not take the lock {self.path}; delete it if no run uses {self.path.parent}")
 
@@ -120,10 +123,17 @@ class WorkdirLock:
     def release(self) -> None:
         if self.held:
             self.held = False
+            WorkdirLock._held.remove(self)
             try:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+
+    @classmethod
+    def release_all(cls) -> None:
+        """Releases every lock this process holds (for an exit that skips the ``finally`` blocks, ``os._exit``)."""
+        for lock in list(cls._held):
+            lock.release()
 
     def __enter__(self) -> "WorkdirLock":
         return self.acquire()
@@ -239,7 +249,7 @@ def apply_resume_rules(config: TrainConfig, workdir: Path, data_fingerprint: str
             if config.optim == blown:
                 raise ConfigError(
                     f"the run in {workdir} diverged at step {diverged['step']} with learning rate "
-                    f"{previous.optim.learning_rate:g}; rerun with a lower --learning-rate (it restarts from "
+                    f"{blown.learning_rate:g}; rerun with a lower --learning-rate (it restarts from "
                     + (f"step {diverged['safe_step']})" if diverged["safe_step"] is not None else "scratch)")
                 )
             check_resume(previous, config, workdir, allowed=("optim.",))

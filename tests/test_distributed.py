@@ -201,8 +201,9 @@ def test_a_crash_inside_the_roll_back_does_not_refuse_the_remedy(tmp_path, monke
     blown = _diverged_workdir(tmp_path)
     remedy = _lower_rate(blown)
     save_config(remedy, tmp_path / "config.json")  # the crash: config.json rewritten, diverged.json still there
-    with pytest.raises(ConfigError, match="lower --learning-rate"):
-        workdir_mod.apply_resume_rules(blown, tmp_path)  # the settings that blew up stay refused
+    # the settings that blew up stay refused, and the message names their rate (not config.json's new one)
+    with pytest.raises(ConfigError, match=f"with learning rate {blown.optim.learning_rate:g}; rerun with a lower"):
+        workdir_mod.apply_resume_rules(blown, tmp_path)
     assert workdir_mod.apply_resume_rules(remedy, tmp_path) == remedy
     assert not (tmp_path / workdir_mod.DIVERGED).exists()
     # a marker written before the optimizer was recorded in it: the settings of config.json are the ones that blew up
