@@ -162,7 +162,7 @@ def _epoch_batches(run: _Run, steps: Steps) -> Iterator[tuple[jax.Array, ...]]:
 def _loop(run: _Run, steps: Steps) -> None:
     window = run.window = Window(run.config.batch_size)
     if run.validate_first:
-        _end_epoch(run, steps, window)
+        _end_epoch(run, steps)
     while run.step < run.total_steps:
         run.epoch_started = window.started = time.perf_counter()
         run.epoch_first_step = run.step
@@ -175,8 +175,8 @@ def _loop(run: _Run, steps: Steps) -> None:
             run.console.step()
             stop = run.stop.at_step(run.step)  # every step: the processes of a run agree on the step to stop at
             if run.step % run.steps_per_epoch:  # the epoch's last step is validated and saved by _end_epoch
-                _between_steps(run, window, stop)
-        _end_epoch(run, steps, window)
+                _between_steps(run, stop)
+        _end_epoch(run, steps)
         if stop:
             raise Preempted(_stopped(run))
 
@@ -185,19 +185,20 @@ def _stopped(run: _Run) -> str:
     return f"stopped at step {run.step}; saved in {run.workdir}: run the same command to resume"
 
 
-def _between_steps(run: _Run, window: Window, stop: bool) -> None:
+def _between_steps(run: _Run, stop: bool) -> None:
     if stop:
-        _save(run, window)
+        _save(run)
         raise Preempted(_stopped(run))
     if run.step % run.config.log_every_steps == 0:
-        _report(run, window)
+        _report(run)
     if run.step % run.config.checkpoint_every_steps == 0:
-        _save(run, window)
+        _save(run)
 
 
-def _report(run: _Run, window: Window) -> None:
+def _report(run: _Run) -> None:
     """Logs the mean of the window's step metrics; raises :class:`TrainingDiverged` if any step's loss blew up."""
-    if not window.pending:
+    window = run.window
+    if window is None or not window.pending:
         return
     count = len(window.pending)
     fetched = window.take()
@@ -228,8 +229,8 @@ def _diverged(run: _Run, bad_step: int) -> None:
     )
 
 
-def _save(run: _Run, window: Window, metrics: dict[str, float] | None = None) -> None:
-    _report(run, window)  # checks the losses up to this step before they are saved
+def _save(run: _Run, metrics: dict[str, float] | None = None) -> None:
+    _report(run)  # checks the losses up to this step before they are saved
     run.checkpoints.save(run.step, run.state, metrics)
     run.saved_step = run.step
 
@@ -242,7 +243,7 @@ def _save_on_interrupt(run: _Run) -> None:
     try:
         if int(jax.device_get(run.state.step)) != run.step:  # between a step and its bookkeeping: not saved as step N
             raise RuntimeError("the state and the step count disagree")
-        _save(run, run.window)
+        _save(run)
         run.console.write(f"interrupted: saved step {run.step} in {run.workdir}; run the same command to resume")
     except TrainingDiverged as err:
         run.console.write(f"interrupted: {err}")
@@ -262,9 +263,9 @@ def _without_tables(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k not in ("confusion", "per_class_accuracy")}
 
 
-def _end_epoch(run: _Run, steps: Steps, window: Window) -> None:
+def _end_epoch(run: _Run, steps: Steps) -> None:
     """Validates the epoch that just ended (and tests, with ``test_every_epoch``), then saves with the metrics."""
-    _report(run, window)
+    _report(run)
     train_time = time.perf_counter() - run.epoch_started
     # the steps of this epoch that this process trained and timed: fewer after a resume inside the epoch, none when
     # it only validates an epoch trained before a stop
@@ -277,7 +278,7 @@ def _end_epoch(run: _Run, steps: Steps, window: Window) -> None:
         if config.test_every_epoch and name != "test":
             test = _evaluate(run, steps, run.datasets.test, stop)
     except StopRequested:
-        _save(run, window)  # without metrics: the resumed run validates this epoch first
+        _save(run)  # without metrics: the resumed run validates this epoch first
         raise Preempted(_stopped(run)) from None
     epoch_time = time.perf_counter() - run.epoch_started
     for split, metrics in ((name, validation), ("test", test)):
@@ -288,7 +289,7 @@ def _end_epoch(run: _Run, steps: Steps, window: Window) -> None:
             run.log.write(record)
             run.tensorboard.record(record)
     _reconstructions_to_tensorboard(run, steps)
-    _save(run, window, {"accuracy": validation["accuracy"], "loss": validation["loss"], "epoch": epoch})
+    _save(run, {"accuracy": validation["accuracy"], "loss": validation["loss"], "epoch": epoch})
     best = run.checkpoints.best_step()
     run.console.write(
         f"epoch {epoch}/{config.epochs}: {name} accuracy {100 * validation['accuracy']:.2f}% "
