@@ -8,10 +8,11 @@ work directory (outside the repository); a reference run's final weights may sit
 
     python -m capsjax.results collect ~/capsjax-runs/mnist-default results/mnist-default \\
         --command "python train.py --preset default --data-dir ../shared/data/mnist --workdir ~/capsjax-runs/mnist-default"
-    python -m capsjax.results table --write README.md     # regenerate the table between the README's markers
+    python -m capsjax.results table --write README.md     # regenerate the tables between the README's markers
     python -m capsjax.results replay results/mnist-default --data-dir ../shared/data/mnist --steps 100
 
-Every figure of the table is computed here from those files: nothing in it is typed by hand.
+Every figure of the tables (the results table and the table against the paper) is computed here from those files:
+nothing in them is typed by hand.
 """
 
 from __future__ import annotations
@@ -175,6 +176,78 @@ def table(results_dir: str | Path = "results") -> str:
     return "\n".join(rows)
 
 
+# Sabour et al. 2017 (Tables 1 and 2, sections 5.2 and 6) for (model, what it was scored on): the paper's model is
+# the CapsNet with 3 iterations of dynamic routing and the reconstruction loss
+PAPER = {
+    ("capsnet", "mnist"): "0.25% error",
+    ("cnn", "mnist"): "0.39% error",
+    ("capsnet", "multimnist"): "5.2% error",
+    ("cnn", "multimnist"): "8.1% error",
+    ("capsnet", "expanded_mnist"): "99.23%",
+    ("cnn", "expanded_mnist"): "99.22%",
+    ("capsnet", "affnist"): "79%",
+    ("cnn", "affnist"): "66%",
+    ("capsnet", "affine_mnist"): "affNIST: 79%",
+    ("cnn", "affine_mnist"): "affNIST: 66%",
+}
+SCORED_ON = {
+    "mnist": "MNIST test",
+    "expanded_mnist": "expanded MNIST test (40×40, fixed offsets)",
+    "fashion_mnist": "Fashion-MNIST test",
+    "multimnist": "MultiMNIST test pairs",
+    "affnist": "affNIST test",
+    "affine_mnist": "affine_mnist (capsjax's approximation of affNIST)",
+}
+PAPER_BEGIN = "<!-- paper table: begin (python -m capsjax.results table --write README.md) -->"
+PAPER_END = "<!-- paper table: end -->"
+
+
+def _model_name(model: dict[str, Any]) -> tuple[str, bool]:
+    """A run's model in words, and whether it is the paper's configuration of it (which its figures are for)."""
+    arch = model.get("arch", "capsnet")
+    if arch == "cnn":
+        return "baseline CNN", True
+    if arch != "capsnet":
+        return arch.replace("_", "-").replace("efficient-capsnet", "Efficient-CapsNet"), False
+    routing, iterations = model.get("routing", "dynamic"), model.get("routing_iterations", 3)
+    paper = routing == "dynamic" and iterations == 3 and model.get("use_decoder", True)
+    return f"CapsNet ({routing} routing, {iterations} iterations)", paper
+
+
+def paper_table(results_dir: str | Path = "results") -> str:
+    """The README's table against the paper (Markdown): one row per test-split evaluation JSON (``eval_*.json``) of
+    each folder of ``results_dir``, beside the paper's figure for that model on that set (:data:`PAPER`; only for
+    the paper's configuration of the model)."""
+    rows = [
+        "| run | model | trained | scored on | accuracy | error | the paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for folder in sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists()):
+        config = json.loads((folder / "config.json").read_text())
+        model, is_paper = _model_name(config.get("model", {}))
+        s = summarize(folder)
+        canvas = config.get("canvas_size")
+        trained = ("expanded MNIST" if canvas else config["dataset"]) + f", {s['epochs_done']} of {s['epochs_planned']}"
+        trained += " epochs" if s["epochs_planned"] != 1 else " epoch"
+        for path in sorted(folder.glob("eval_*.json")):
+            e = json.loads(path.read_text())
+            if e.get("split") != "test" or "accuracy" not in e:
+                continue
+            scored = e.get("dataset", config["dataset"])
+            if scored == config["dataset"] and canvas:
+                scored = "expanded_mnist"
+            accuracy = _percent(e["accuracy"])
+            if "almost_accuracy" in e:
+                accuracy += f" exact-set ({_percent(e['almost_accuracy'])} almost)"
+            count = f" ({e['count']:,})" if "count" in e else ""
+            paper = PAPER.get((config.get("model", {}).get("arch", "capsnet"), scored), "–") if is_paper else "–"
+            rows.append(
+                f"| [{folder.name}](results/{folder.name}/{path.name}) | {model} | {trained} "
+                f"| {SCORED_ON.get(scored, scored)}{count} | {accuracy} | {_percent(1 - e['accuracy'])} | {paper} |"
+            )
+    return "\n".join(rows)
+
+
 def replace_between_markers(path: str | Path, begin: str, end: str, text: str, check: bool = False) -> bool:
     """Replaces what lies between the lines ``begin`` and ``end`` of the file ``path`` with ``text``; with ``check``,
     only says whether it is there already. Returns True if the file holds (or now holds) ``text`` there; raises
@@ -193,9 +266,13 @@ def replace_between_markers(path: str | Path, begin: str, end: str, text: str, c
 
 
 def write_table(readme: str | Path, results_dir: str | Path = "results", check: bool = False) -> bool:
-    """Replaces the text between the README's markers with :func:`table`; with ``check``, only says whether it is
-    current. Returns True if the README holds (or now holds) the current table."""
-    return replace_between_markers(readme, BEGIN, END, table(results_dir), check=check)
+    """Replaces the text between the README's results-table markers with :func:`table`, and between its paper-table
+    markers, if it has them, with :func:`paper_table`; with ``check``, only says whether they are current. Returns
+    True if the README holds (or now holds) the current tables; raises ValueError without the results-table markers."""
+    current = replace_between_markers(readme, BEGIN, END, table(results_dir), check=check)
+    if PAPER_BEGIN in Path(readme).read_text():
+        current &= replace_between_markers(readme, PAPER_BEGIN, PAPER_END, paper_table(results_dir), check=check)
+    return current
 
 
 def collect(
@@ -285,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--command", dest="run_command", required=True, help="the exact command that trains this run")
     p.add_argument("--status", default=None, help='e.g. "stopped at the session\'s end" (default: from results.json)')
     p.add_argument("--note", default=None, help="what a reader should know (e.g. other jobs shared the CPU)")
-    p = sub.add_parser("table", help="print the results table, or write it into the README")
+    p = sub.add_parser("table", help="print the results table and the table against the paper, or write them")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--write", metavar="README", default=None)
     p.add_argument("--check", metavar="README", default=None, help="exit 1 if README's table is not current")
@@ -305,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.write:
                 write_table(args.write, args.results_dir)
             else:
-                print(table(args.results_dir))
+                print(table(args.results_dir) + "\n\n" + paper_table(args.results_dir))
         else:
             out = replay(args.folder, args.steps, args.data_dir)
             print(json.dumps({**out, "steps": [out["steps"][0], out["steps"][-1], len(out["steps"])]}))

@@ -136,3 +136,43 @@ def test_a_run_without_validation_examples_is_summarized_from_its_test_records(t
     assert (s["epochs_done"], s["wall_time_s"]) == (2, 120.0)
     assert s["last_test_accuracy"] == 0.996 and s["seconds_to_target"] == 120.0
     assert s["best_validation_accuracy"] is None and s["test_accuracy_at_best"] is None  # no test-set selection
+
+
+def test_the_paper_table_puts_each_test_evaluation_beside_the_papers_figure(tmp_path):
+    import dataclasses
+
+    def run(name, config, evals):
+        folder = tmp_path / "results" / name
+        write_run(folder, [0.9], [0.9], [60.0], epochs=config.epochs)
+        save_config(config, folder / "config.json")
+        for file, e in evals.items():
+            (folder / file).write_text(json.dumps(e))
+
+    multi = get_config("multimnist")
+    run("multi", dataclasses.replace(multi, epochs=1),
+        {"eval_test.json": {"split": "test", "accuracy": 0.6, "almost_accuracy": 0.97, "count": 10000,
+                            "dataset": "multimnist"}})  # fmt: skip
+    expanded = get_config("expanded_mnist")
+    cnn = dataclasses.replace(expanded, model=dataclasses.replace(expanded.model, arch="cnn"), epochs=2)
+    run("cnn", cnn, {"eval_test.json": {"split": "test", "accuracy": 0.99, "dataset": "mnist"},
+                     "eval_affine_mnist_test.json": {"split": "test", "accuracy": 0.7, "dataset": "affine_mnist"},
+                     "eval_validation.json": {"split": "validation", "accuracy": 0.5}})  # fmt: skip
+    em = get_config("default")
+    run("em", dataclasses.replace(em, model=dataclasses.replace(em.model, routing="em")),
+        {"eval_test.json": {"split": "test", "accuracy": 0.98, "dataset": "mnist"}})
+    rows = results.paper_table(tmp_path / "results").splitlines()[2:]
+    assert rows == [
+        "| [cnn](results/cnn/eval_affine_mnist_test.json) | baseline CNN | expanded MNIST, 1 of 2 epochs "
+        "| affine_mnist (capsjax's approximation of affNIST) | 70.00% | 30.00% | affNIST: 66% |",
+        "| [cnn](results/cnn/eval_test.json) | baseline CNN | expanded MNIST, 1 of 2 epochs "
+        "| expanded MNIST test (40×40, fixed offsets) | 99.00% | 1.00% | 99.22% |",
+        "| [em](results/em/eval_test.json) | CapsNet (em routing, 3 iterations) | mnist, 1 of 50 epochs "
+        "| MNIST test | 98.00% | 2.00% | – |",  # not the paper's model: no figure beside it
+        "| [multi](results/multi/eval_test.json) | CapsNet (dynamic routing, 3 iterations) | multimnist, 1 of 1 epoch "
+        "| MultiMNIST test pairs (10,000) | 60.00% exact-set (97.00% almost) | 40.00% | 5.2% error |",
+    ]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{results.BEGIN}\n{results.END}\n{results.PAPER_BEGIN}\nold\n{results.PAPER_END}\n")
+    results.write_table(readme, tmp_path / "results")
+    assert rows[-1] in readme.read_text() and "old" not in readme.read_text()
+    assert results.write_table(readme, tmp_path / "results", check=True)
