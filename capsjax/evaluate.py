@@ -261,7 +261,8 @@ def evaluate_workdir(
     Returns:
       The metrics of :func:`evaluate_arrays` (``accuracy``, ``error_rate``, the model's loss terms, ``count``,
       ``per_class_accuracy`` [K], ``confusion`` [K, K]) plus ``split``, ``checkpoint``, ``step``, ``dataset``,
-      ``note`` for a dataset that needs one (``affine_mnist``: an approximation of affNIST) and, with ``figures``,
+      ``data_sha256`` (of the scored images and labels: :func:`capsjax.data.arrays_sha256`), ``note`` for a dataset
+      that needs one (``affine_mnist``: an approximation of affNIST) and, with ``figures``,
       the written ``figures`` paths.
     """
     from capsjax import data as datalib
@@ -279,6 +280,7 @@ def evaluate_workdir(
     batch_size = batch_size or config.eval_batch_size
     metrics = evaluate_arrays(run.steps, run.params, images, labels, batch_size, digits=digits[0] if digits else None)
     metrics.update(split=split, checkpoint=run.which, step=run.step, dataset=name)
+    metrics["data_sha256"] = datalib.arrays_sha256(images, labels, *digits)  # equal: two runs scored the same examples
     if name in DATASET_NOTES:
         metrics["note"] = DATASET_NOTES[name]
     stem = f"eval_{split}" if own else f"eval_{name.replace('/', '_')}_{split}"

@@ -217,10 +217,11 @@ def _model_name(model: dict[str, Any]) -> tuple[str, bool]:
 def paper_table(results_dir: str | Path = "results") -> str:
     """The README's table against the paper (Markdown): one row per test-split evaluation JSON (``eval_*.json``) of
     each folder of ``results_dir``, beside the paper's figure for that model on that set (:data:`PAPER`; only for
-    the paper's configuration of the model)."""
+    the paper's configuration of the model). Rows whose examples column (the start of the evaluation's
+    ``data_sha256``) is equal scored the same images and labels."""
     rows = [
-        "| run | model | trained | scored on | accuracy | error | the paper |",
-        "|---|---|---|---|---|---|---|",
+        "| run | model | trained | scored on | examples (SHA-256) | accuracy | error | the paper |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for folder in sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists()):
         config = json.loads((folder / "config.json").read_text())
@@ -243,7 +244,8 @@ def paper_table(results_dir: str | Path = "results") -> str:
             paper = PAPER.get((config.get("model", {}).get("arch", "capsnet"), scored), "–") if is_paper else "–"
             rows.append(
                 f"| [{folder.name}](results/{folder.name}/{path.name}) | {model} | {trained} "
-                f"| {SCORED_ON.get(scored, scored)}{count} | {accuracy} | {_percent(1 - e['accuracy'])} | {paper} |"
+                f"| {SCORED_ON.get(scored, scored)}{count} | {e.get('data_sha256', '–')[:8]} | {accuracy} "
+                f"| {_percent(1 - e['accuracy'])} | {paper} |"
             )
     return "\n".join(rows)
 

@@ -53,3 +53,13 @@ def test_routing_compare_reports_each_algorithm():
         for key in ("params", "train_step_s", "scratch_mib", "peak_rss_mib"):
             assert record[key] > 0, (key, record)
     assert out["routings"][0]["params"] != out["routings"][1]["params"]  # EM's primary capsules and 2x2 W differ
+
+
+def test_canvas_margins_counts_digits_near_the_border(mnist_dir):
+    out = run_script("canvas_margins.py", "--data-dir", str(mnist_dir))
+    assert out["count"] == 10000
+    for name in ("expanded_mnist", "affine_mnist"):
+        fractions = [out[name][f"within_{p}px"] for p in range(1, 7)]
+        assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1, (name, fractions)
+    # expanded MNIST keeps MNIST's ~4 px margins (offsets only where the 28x28 digit fits whole); affine_mnist may not
+    assert out["expanded_mnist"]["within_1px"] < 0.01 < out["affine_mnist"]["within_1px"]

@@ -189,6 +189,8 @@ def test_affnist_single_file_and_numbered_batches(tmp_path):
          r"image has shape \(784, 3\), expected \[1600, N\]"),
         (lambda d: _write_affnist(d / "test.mat", _digits(3, 40, 40), np.array([1, 2])), "3 images but 2 labels"),
         (lambda d: _write_affnist(d / "test.mat", _digits(2, 40, 40), np.array([1, 12])), r"outside \[0, 10\)"),
+        (lambda d: _write_affnist(d / "test.mat", _digits(2, 40, 40) / 255.0, np.array([1, 2])),
+         r"whole numbers in 0\.\.255"),
         (lambda d: pytest.importorskip("scipy.io").savemat(d / "test.mat", {"images": np.zeros((1600, 2))}),
          "no affNISTdata struct"),
         (lambda d: pytest.importorskip("scipy.io").savemat(d / "test.mat", {"affNISTdata": {"image": np.zeros((1600, 1))}}),
@@ -197,7 +199,7 @@ def test_affnist_single_file_and_numbered_batches(tmp_path):
          "not 2.mat"),
         (lambda d: d.mkdir(exist_ok=True), "none of test.mat"),
     ],
-    ids=["garbage", "28x28", "count", "label", "no-struct", "no-field", "gap", "missing"],
+    ids=["garbage", "28x28", "count", "label", "scaled", "no-struct", "no-field", "gap", "missing"],
 )  # fmt: skip
 def test_affnist_broken_files_raise_one_clear_error(tmp_path, make, message):
     directory = tmp_path / "affnist"
@@ -252,6 +254,10 @@ def test_cli_expanded_mnist_cnn_then_affine_mnist(tmp_path, mnist_dir, optimized
     metrics = json.loads((work / "eval_affine_mnist_test.json").read_text())
     assert metrics["dataset"] == "affine_mnist" and "approximation of affNIST" in metrics["note"]
     assert metrics["count"] == 10000 and "cross_entropy" in metrics
+    from capsjax.config import load_config
+
+    images, labels = datalib.load_eval_split(load_config(work / "config.json"), "test", mnist_dir, "affine_mnist")
+    assert metrics["data_sha256"] == datalib.arrays_sha256(images, labels)  # what another run's evaluation compares
     for name in ("affine_mnist_examples.png", "confusion_affine_mnist.png"):
         assert (work / name).stat().st_size > 1000, name
     result = run("eval.py", "--workdir", str(work), "--dataset", "affnist", "--data-dir", str(tmp_path))

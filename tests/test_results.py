@@ -155,7 +155,8 @@ def test_the_paper_table_puts_each_test_evaluation_beside_the_papers_figure(tmp_
     expanded = get_config("expanded_mnist")
     cnn = dataclasses.replace(expanded, model=dataclasses.replace(expanded.model, arch="cnn"), epochs=2)
     run("cnn", cnn, {"eval_test.json": {"split": "test", "accuracy": 0.99, "dataset": "mnist"},
-                     "eval_affine_mnist_test.json": {"split": "test", "accuracy": 0.7, "dataset": "affine_mnist"},
+                     "eval_affine_mnist_test.json": {"split": "test", "accuracy": 0.7, "dataset": "affine_mnist",
+                                                     "data_sha256": "0123456789abcdef"},
                      "eval_validation.json": {"split": "validation", "accuracy": 0.5}})  # fmt: skip
     em = get_config("default")
     run("em", dataclasses.replace(em, model=dataclasses.replace(em.model, routing="em")),
@@ -163,13 +164,13 @@ def test_the_paper_table_puts_each_test_evaluation_beside_the_papers_figure(tmp_
     rows = results.paper_table(tmp_path / "results").splitlines()[2:]
     assert rows == [
         "| [cnn](results/cnn/eval_affine_mnist_test.json) | baseline CNN | expanded MNIST, 1 of 2 epochs "
-        "| affine_mnist (capsjax's approximation of affNIST) | 70.00% | 30.00% | affNIST: 66% |",
+        "| affine_mnist (capsjax's approximation of affNIST) | 01234567 | 70.00% | 30.00% | affNIST: 66% |",
         "| [cnn](results/cnn/eval_test.json) | baseline CNN | expanded MNIST, 1 of 2 epochs "
-        "| expanded MNIST test (40×40, fixed offsets) | 99.00% | 1.00% | 99.22% |",
+        "| expanded MNIST test (40×40, fixed offsets) | – | 99.00% | 1.00% | 99.22% |",
         "| [em](results/em/eval_test.json) | CapsNet (em routing, 3 iterations) | mnist, 1 of 50 epochs "
-        "| MNIST test | 98.00% | 2.00% | – |",  # not the paper's model: no figure beside it
+        "| MNIST test | – | 98.00% | 2.00% | – |",  # not the paper's model: no figure beside it
         "| [multi](results/multi/eval_test.json) | CapsNet (dynamic routing, 3 iterations) | multimnist, 1 of 1 epoch "
-        "| MultiMNIST test pairs (10,000) | 60.00% exact-set (97.00% almost) | 40.00% | 5.2% error |",
+        "| MultiMNIST test pairs (10,000) | – | 60.00% exact-set (97.00% almost) | 40.00% | 5.2% error |",
     ]
     readme = tmp_path / "README.md"
     readme.write_text(f"{results.BEGIN}\n{results.END}\n{results.PAPER_BEGIN}\nold\n{results.PAPER_END}\n")

@@ -40,7 +40,14 @@ from capsjax.data.formats import read_idx, write_idx
 from capsjax.data.multimnist import multimnist_batches, multimnist_pairs, two_hot
 from capsjax.data.pipeline import batches, local_slice, num_batches, padded_batches, prefetch_to_device
 from capsjax.data.registry import DATASETS, SPLITS, load
-from capsjax.data.splits import Datasets, adapt_model_to_data, load_datasets, load_eval_split, pair_arrays
+from capsjax.data.splits import (
+    Datasets,
+    adapt_model_to_data,
+    arrays_sha256,
+    load_datasets,
+    load_eval_split,
+    pair_arrays,
+)
 from capsjax.data.synthetic import load_synthetic
 
 __all__ = [
@@ -55,6 +62,7 @@ __all__ = [
     "pair_arrays",
     "adapt_model_to_data",
     "load_eval_split",
+    "arrays_sha256",
     "read_idx",
     "write_idx",
     "batches",

@@ -256,14 +256,17 @@ def read_affnist_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     pixels = AFFNIST_SIZE * AFFNIST_SIZE
     if image.ndim != 2 or image.shape[0] != pixels:
         raise DataError(f"{path}: affNISTdata.image has shape {image.shape}, expected [{pixels}, N] (40x40 images)")
-    if image.dtype != np.uint8 and (image.min(initial=0) < 0 or image.max(initial=0) > 255):
-        raise DataError(f"{path}: affNISTdata.image holds values outside 0..255; download it again")
+    if image.dtype != np.uint8 and (
+        image.min(initial=0) < 0 or image.max(initial=0) > 255 or not np.array_equal(image, np.round(image))
+    ):  # e.g. pixels scaled to [0, 1]: a cast to uint8 would keep only 0 and 1
+        raise DataError(f"{path}: affNISTdata.image must hold whole numbers in 0..255 (affNIST's uint8 pixels)")
     labels = label.reshape(-1)
     if labels.size != image.shape[1]:
         raise DataError(
             f"{path}: {image.shape[1]} images but {labels.size} labels in affNISTdata.label_int; download it again"
         )
-    images = np.ascontiguousarray(image.T).reshape(-1, AFFNIST_SIZE, AFFNIST_SIZE, 1).astype(np.uint8)
+    # each column one image, its 1,600 values row by row (as every public affNIST reader takes them)
+    images = np.ascontiguousarray(image.T, dtype=np.uint8).reshape(-1, AFFNIST_SIZE, AFFNIST_SIZE, 1)
     return images, labels.astype(np.int32)
 
 

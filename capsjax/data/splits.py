@@ -30,6 +30,17 @@ DERIVED_FROM = {"affine_mnist": "mnist"}
 _VALIDATION_SEED_TAG = 0x7A1  # the validation pairs' seed is [test_seed, tag]: apart from the test pairs
 
 
+def arrays_sha256(*arrays: np.ndarray) -> str:
+    """A SHA-256 of arrays' values, dtypes, shapes and order: equal digests mean the same examples in the same
+    order (a run's training data, or the test set two evaluations scored)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.data)
+    return digest.hexdigest()
+
+
 @dataclasses.dataclass
 class Datasets:
     """Host-side splits.
@@ -50,12 +61,7 @@ class Datasets:
         """A SHA-256 of the training and validation arrays (values, shapes and order): a resumed run checks that it
         trains and validates on what it started with (other files, or a source that orders them differently, would
         mix held-out and training examples). The test set may change (e.g. ``multimnist.test_pairs``)."""
-        digest = hashlib.sha256()
-        for array in (*self.train, *self.validation):
-            array = np.ascontiguousarray(array)
-            digest.update(f"{array.dtype}{array.shape}".encode())
-            digest.update(array.data)
-        return digest.hexdigest()
+        return arrays_sha256(*self.train, *self.validation)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
