@@ -250,6 +250,9 @@ class TrainConfig:
     canvas_size: int = 0  # expanded MNIST: 40 puts each training digit at a random offset on a 40x40 black canvas
     # (on device, every step) and the validation and test digits at fixed, seeded offsets (capsjax.data.canvas); 0: off
     horizontal_flip: bool = False  # mirror each training image left-right with probability 1/2 (clothes, not digits)
+    # "shift": the paper's (max_shift, or canvas_size); "efficient_capsnet": the Efficient-CapsNet authors' rotation,
+    # shift inside the margins, squish and erased patch (capsjax.data.augment; needs max_shift=0, canvas_size=0)
+    augmentation: str = "shift"
     seed: int = 0
     log_every_steps: int = 50
     checkpoint_every_steps: int = 1000
@@ -273,6 +276,13 @@ class TrainConfig:
                 f"canvas_size={self.canvas_size} places the digits at random offsets, which replaces the random "
                 f"shifts: set max_shift=0 (got {self.max_shift})"
             )
+        if self.augmentation not in ("shift", "efficient_capsnet"):
+            raise ConfigError(f"augmentation must be 'shift' or 'efficient_capsnet', got {self.augmentation!r}")
+        if self.augmentation != "shift" and (self.max_shift or self.canvas_size):
+            raise ConfigError(
+                f"augmentation={self.augmentation!r} moves the digits itself: set max_shift=0 and canvas_size=0 "
+                f"(got {self.max_shift} and {self.canvas_size})"
+            )
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.train_examples is not None and self.train_examples < 1:
@@ -280,10 +290,10 @@ class TrainConfig:
         if self.loss.recon_reduction not in ("sum", "mean"):
             raise ConfigError(f"loss.recon_reduction must be 'sum' or 'mean', got {self.loss.recon_reduction!r}")
         pairs = self.dataset == "multimnist"
-        if pairs and (self.max_shift or self.canvas_size or self.horizontal_flip):
+        if pairs and (self.max_shift or self.canvas_size or self.horizontal_flip or self.augmentation != "shift"):
             raise ConfigError(
-                "multimnist pairs carry their own shifts (multimnist.shift): set max_shift=0, canvas_size=0 and "
-                "horizontal_flip=false"
+                "multimnist pairs carry their own shifts (multimnist.shift): set max_shift=0, canvas_size=0, "
+                "horizontal_flip=false and augmentation=shift"
             )
         if pairs != (self.model.num_targets == 2):
             raise ConfigError(
@@ -386,11 +396,14 @@ def _expanded_mnist() -> TrainConfig:
 def _efficient_capsnet() -> TrainConfig:
     """Efficient-CapsNet on MNIST (``model.arch="efficient_capsnet"``) with the authors' released settings: batch 16,
     Adam 5e-4 decayed x0.97 every epoch (of the 55,000 training images left by the validation hold-out) to no less
-    than 5e-5, 150 epochs, margin loss + 0.0005 x summed squared reconstruction error (their 0.392 x mean). Their
-    augmentation (rotations, shifts inside the margins, squishing, erased patches) is capsjax's +-2 px shifts here."""
+    than 5e-5, 150 epochs, margin loss + 0.0005 x summed squared reconstruction error (their 0.392 x mean), and
+    their augmentation (``augmentation="efficient_capsnet"``: rotations, shifts inside the margins, squishing,
+    erased patches) instead of the paper's +-2 px shifts."""
     return dataclasses.replace(
         _default(),
         model=ModelConfig(arch="efficient_capsnet"),
+        augmentation="efficient_capsnet",
+        max_shift=0,
         optim=OptimConfig(learning_rate=5e-4, decay_rate=0.97, decay_steps=55_000 // 16, staircase=True,
                           min_learning_rate=5e-5),  # fmt: skip
         batch_size=16,

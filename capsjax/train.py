@@ -99,7 +99,9 @@ def train_and_evaluate(
         config = apply_resume_rules(config, workdir, datasets.fingerprint())
         graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
         run = _open_run(config, workdir, datasets, steps_per_epoch, state, should_stop)
-        augment = datalib.train_augmentation(config.max_shift, config.canvas_size, config.horizontal_flip)
+        augment = datalib.train_augmentation(
+            config.max_shift, config.canvas_size, config.horizontal_flip, config.augmentation
+        )
         steps = make_steps(
             graphdef, config.optim, config.loss, augment=augment, mesh=mesh, num_targets=config.model.num_targets
         )  # 4. steps

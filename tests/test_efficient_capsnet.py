@@ -1,5 +1,5 @@
 """Efficient-CapsNet (capsjax.efficient_capsnet): parameter count, layers against references, Batch Normalization's
-two modes and its statistics in the train state, the preset and its schedule."""
+two modes and its statistics in the train state, the preset, its schedule and its authors' augmentation."""
 
 import dataclasses
 
@@ -107,11 +107,18 @@ def test_train_step_lowers_the_loss_and_carries_the_running_statistics():
     assert not np.allclose(mean, start["norms"][0]["mean"]) and np.all(np.asarray(mean) >= 0)  # ReLU outputs' mean
     sums = steps.evaluate(state.params, images, labels, jnp.ones(8, jnp.float32))
     assert float(sums["count"]) == 8 and np.isfinite(float(sums["loss"]))
+    from capsjax.data.augment import efficient_capsnet_augmentation  # the preset's, inside the same jitted step
+
+    augmented = make_steps(graphdef, optim, augment=efficient_capsnet_augmentation)
+    _, metrics = augmented.train(jax.tree.map(jnp.copy, state), images, labels)  # the steps donate their state
+    _, plain = steps.train(state, images, labels)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) != float(plain["loss"])
 
 
 def test_preset_and_schedule():
     config = get_config("efficient_capsnet")
     assert config.model.arch == "efficient_capsnet" and config.batch_size == 16 and config.epochs == 150
+    assert config.augmentation == "efficient_capsnet" and config.max_shift == 0
     schedule = make_schedule(config.optim)
     per_epoch = 55_000 // 16
     np.testing.assert_allclose(float(schedule(per_epoch - 1)), 5e-4, rtol=1e-6)
@@ -126,3 +133,94 @@ def test_preset_and_schedule():
         dataclasses.replace(EFFICIENT, primary_dim=7)
     with pytest.raises(ValueError, match="does not fit"):
         dataclasses.replace(EFFICIENT, image_shape=(8, 8, 1))
+
+
+# ---- the authors' augmentation (capsjax.data.augment)
+
+
+def _mnist_like(n: int, seed: int = 0) -> np.ndarray:
+    """Float [n, 28, 28, 1] images in [0, 1] with ink in a random box inside margins of 2..8 pixels."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((n, 28, 28, 1), np.float32)
+    for k in range(n):
+        top, left, bottom, right = rng.integers(2, 9, 4)
+        images[k, top : 28 - bottom, left : 28 - right, 0] = rng.uniform(0.1, 1.0, (28 - bottom - top, 28 - right - left))
+    return images
+
+
+def test_rotation_turns_counter_clockwise_about_the_centre():
+    from capsjax.data.augment import rotate_images
+
+    images = RNG.uniform(size=(3, 7, 7, 2)).astype(np.float32)
+    out = np.asarray(rotate_images(jnp.asarray(images), jnp.array([0.0, 90.0, -90.0])))
+    np.testing.assert_allclose(out[0], images[0], atol=1e-6)
+    np.testing.assert_allclose(out[1], np.rot90(images[1], 1), atol=1e-5)  # as displayed, rows going down
+    np.testing.assert_allclose(out[2], np.rot90(images[2], -1), atol=1e-5)
+    half = np.asarray(rotate_images(jnp.ones((1, 9, 9, 1)), jnp.array([45.0])))[0, ..., 0]
+    assert half[4, 4] == pytest.approx(1.0) and half[0, 0] == 0.0  # the corners come from outside: black
+
+
+def test_margin_shift_moves_the_ink_inside_its_margins_both_ways():
+    from capsjax.data.augment import random_margin_shift
+
+    images = _mnist_like(256)
+    out = np.asarray(random_margin_shift(jax.random.key(0), jnp.asarray(images)))
+    np.testing.assert_allclose(out.sum(axis=(1, 2, 3)), images.sum(axis=(1, 2, 3)), rtol=1e-5)  # no ink lost
+    moves = []
+    for before, after in zip(images[..., 0], out[..., 0]):
+        (r0, c0), (r1, c1) = np.argwhere(before > 0).min(0), np.argwhere(after > 0).min(0)
+        np.testing.assert_array_equal(np.roll(before, (r1 - r0, c1 - c0), axis=(0, 1)), after)  # a pure translation
+        moves.append((r1 - r0, c1 - c0))
+    moves = np.array(moves)
+    assert (moves > 0).any(axis=0).all() and (moves < 0).any(axis=0).all() and (moves == 0).any()
+    assert np.abs(moves).max() <= 8  # at most the margin (2..8 here)
+    empty = jnp.zeros((2, 28, 28, 1))
+    assert not np.asarray(random_margin_shift(jax.random.key(1), empty)).any()
+
+
+def test_squish_narrows_by_1_to_7_columns_and_keeps_a_constant_image_constant():
+    from capsjax.data.augment import random_squish
+
+    out = np.asarray(random_squish(jax.random.key(0), jnp.full((512, 28, 28, 1), 0.5)))
+    black = (out[:, 0, :, 0] == 0).sum(axis=1)  # the columns the narrowed image leaves black
+    assert set(np.unique(black)) <= set(range(1, 8)) and {1, 2, 3} <= set(np.unique(black))
+    for row, m in zip(out[:, :, :, 0], black):
+        inside = row[:, row[0] > 0]
+        assert inside.shape[1] == 28 - m
+        np.testing.assert_allclose(inside, 0.5, atol=1e-5)  # Lanczos weights sum to 1 inside the image
+        first = int(np.argmax(row[0] > 0))
+        assert first in (m // 2, m // 2 + 1)  # placed m // 2 (or one more) columns from the left
+
+
+def test_erase_blacks_out_one_4x4_patch_inside_the_border():
+    from capsjax.data.augment import random_erase
+
+    out = np.asarray(random_erase(jax.random.key(0), jnp.ones((512, 28, 28, 1))))[..., 0]
+    corners = []
+    for image in out:
+        zeros = np.argwhere(image == 0)
+        assert len(zeros) == 16 and np.all(zeros.max(0) - zeros.min(0) == 3)
+        corners.append(zeros.min(0))
+    corners = np.array(corners)
+    assert corners.min() == 4 and corners.max() == 22  # the authors' floor(19 u) + 4
+
+
+def test_efficient_capsnet_augmentation_is_reproducible_jit_equal_and_in_range():
+    from capsjax.data.augment import efficient_capsnet_augmentation, train_augmentation
+
+    images = jnp.asarray(_mnist_like(32, seed=1))
+    key = jax.random.key(7)
+    out = np.asarray(efficient_capsnet_augmentation(key, images))
+    assert out.shape == images.shape and out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+    np.testing.assert_allclose(np.asarray(jax.jit(efficient_capsnet_augmentation)(key, images)), out, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(efficient_capsnet_augmentation(key, images)), out)
+    assert not np.allclose(np.asarray(efficient_capsnet_augmentation(jax.random.key(8), images)), out)
+    assert train_augmentation(augmentation="efficient_capsnet") is efficient_capsnet_augmentation
+    with pytest.raises(ValueError, match="set max_shift=0"):
+        train_augmentation(max_shift=2, augmentation="efficient_capsnet")
+    from capsjax.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="moves the digits itself"):
+        TrainConfig(augmentation="efficient_capsnet")  # the default max_shift=2
+    with pytest.raises(ConfigError, match="augmentation must be"):
+        TrainConfig(augmentation="rotate", max_shift=0)
