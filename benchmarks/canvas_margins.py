@@ -29,7 +29,10 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
     args = parser.parse_args()
     images, labels = load("mnist", "test", args.data_dir)
-    sets = {"expanded_mnist": fixed_placement(images, 40, "test"), "affine_mnist": affine_mnist(images, labels, "test")[0]}
+    sets = {
+        "expanded_mnist": fixed_placement(images, 40, "test"),
+        "affine_mnist": affine_mnist(images, labels, "test")[0],
+    }
     out = {name: {f"within_{p}px": near_border(x, p) for p in range(1, 7)} for name, x in sets.items()}
     print(json.dumps({"count": len(images), **out}))
 

@@ -144,7 +144,8 @@ def _mnist_like(n: int, seed: int = 0) -> np.ndarray:
     images = np.zeros((n, 28, 28, 1), np.float32)
     for k in range(n):
         top, left, bottom, right = rng.integers(2, 9, 4)
-        images[k, top : 28 - bottom, left : 28 - right, 0] = rng.uniform(0.1, 1.0, (28 - bottom - top, 28 - right - left))
+        box = (28 - bottom - top, 28 - right - left)
+        images[k, top : 28 - bottom, left : 28 - right, 0] = rng.uniform(0.1, 1.0, box)
     return images
 
 
