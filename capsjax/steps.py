@@ -96,11 +96,32 @@ def compute_losses(model, output, images: jax.Array, targets: jax.Array, config:
     return metrics
 
 
+class DonatingStep:
+    """A jitted step that donates its first argument (the train state's buffers become the new state's), refusing a
+    state whose buffers an earlier call took: JAX raises for that on one device but crashes the process (segmentation
+    fault) with the state replicated over several. Other attributes (``lower``, ...) are the jitted function's."""
+
+    def __init__(self, jitted: Callable):
+        self._jitted = jitted
+
+    def __call__(self, state, *args):
+        if any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(state)):
+            raise ValueError(
+                "this train state was donated to an earlier train step: use the state that step returned "
+                "(state, metrics = steps.train(state, ...)), or copy it first (jax.tree.map(jnp.copy, state))"
+            )
+        return self._jitted(state, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._jitted, name)
+
+
 @dataclasses.dataclass(frozen=True)
 class Steps:
     """The jit-compiled steps of one model on one mesh.
 
-    ``train(state, images, labels) -> (state, metrics)``, ``evaluate(params, images, labels, mask) -> sums`` and
+    ``train(state, images, labels) -> (state, metrics)`` (it donates ``state``: use the returned one; a
+    :class:`DonatingStep`), ``evaluate(params, images, labels, mask) -> sums`` and
     ``predict(params, images) -> output`` (the model's output tuple) take uint8 or float images ``[B, H, W, C]``,
     int labels ``[B]`` or k-hot targets ``[B, K]``, and a 0/1 mask ``[B]``, sharded along the mesh's ``data`` axis.
     For ``num_targets = k > 1`` (MultiMNIST) ``train`` and ``evaluate`` take one more argument, ``digits``
@@ -233,11 +254,13 @@ def make_steps(
     return Steps(
         graphdef=graphdef,
         mesh=mesh,
-        train=jax.jit(
-            train_step,
-            in_shardings=(replicated, data, data, *digits),
-            out_shardings=(replicated, replicated),
-            donate_argnums=0,
+        train=DonatingStep(
+            jax.jit(
+                train_step,
+                in_shardings=(replicated, data, data, *digits),
+                out_shardings=(replicated, replicated),
+                donate_argnums=0,
+            )
         ),
         evaluate=jax.jit(eval_step, in_shardings=(replicated, data, data, data, *digits), out_shardings=replicated),
         predict=jax.jit(predict_step, in_shardings=(replicated, data), out_shardings=data),
