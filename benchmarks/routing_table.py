@@ -19,6 +19,8 @@ import statistics
 from pathlib import Path
 
 
+SINGLE_PASS = ("self_attention", "efficient_capsnet")  # routings without iterations
+
 def run_row(folder: Path) -> dict | None:
     """One finished run's row, or None if ``folder`` holds none."""
     if not (folder / "config.json").exists() or not (folder / "results.json").exists():
@@ -41,7 +43,8 @@ def run_row(folder: Path) -> dict | None:
         "routing": routing,
         # EM's final inverse temperature (runs made before the field existed used 1)
         "em_inverse_temperature": model.get("routing_em_inverse_temperature", 1.0) if routing == "em" else None,
-        "routing_iterations": model.get("routing_iterations"),
+        # self-attention routing (Efficient-CapsNet's too) is one pass, whatever model.routing_iterations says
+        "routing_iterations": "one pass" if routing in SINGLE_PASS else model.get("routing_iterations"),
         "epochs": results.get("epochs"),
         "best_validation_accuracy": results.get("best_validation_accuracy"),
         "test_accuracy": results.get("test_accuracy"),

@@ -16,10 +16,15 @@ from capsjax.distributed import ENV_ADDRESS, ENV_ID, ENV_PROCESSES
 
 VERBOSE_ENV = "CAPSJAX_VERBOSE"
 
+def _user_path(text: str) -> str:
+    """A path argument with ``~`` expanded, as a shell would have (it doesn't inside quotes or ``$cmd``)."""
+    return os.path.expanduser(text)
+
+
 # flag -> dotted config field
 _TRAIN_FLAGS = {
     "dataset": ("dataset", str, "dataset name: mnist, fashion_mnist, kmnist, cifar10, synthetic, ..."),
-    "data_dir": ("data_dir", str, "directory of IDX files (offline); default: $CAPSJAX_DATA/<dataset>, then TFDS"),
+    "data_dir": ("data_dir", _user_path, "directory of IDX files (offline); default: $CAPSJAX_DATA/<dataset>, then TFDS"),
     "epochs": ("epochs", int, "training epochs"),
     "batch_size": ("batch_size", int, "global batch size (divisible by the number of devices)"),
     "eval_batch_size": ("eval_batch_size", int, "evaluation batch size"),
@@ -60,7 +65,7 @@ def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
     ``--version``."""
     parser = _Parser(prog=prog, description="Train a CapsNet (Sabour et al. 2017). Rerun on the same --workdir to resume.")
     parser.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: the paper's settings)")
-    parser.add_argument("--workdir", default=None, help="run directory (default: runs/<preset>)")
+    parser.add_argument("--workdir", type=_user_path, default=None, help="run directory (default: runs/<preset>)")
     for flag, (_, kind, help_) in _TRAIN_FLAGS.items():
         parser.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind, default=None, help=help_)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -187,8 +192,8 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
     """The ``capsjax-eval`` / ``eval.py`` argument parser."""
     parser = _Parser(prog=prog, description="Evaluate a trained CapsNet and draw its reconstructions.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", help="the training run's directory")
-    source.add_argument("--weights", metavar="FILE.safetensors",
+    source.add_argument("--workdir", type=_user_path, help="the training run's directory")
+    source.add_argument("--weights", type=_user_path, metavar="FILE.safetensors",
                         help="a weights file (python -m capsjax.weights export) instead of a work directory; "
                         "figures and eval JSON go to FILE_eval/ beside it unless --out-dir is given")  # fmt: skip
     parser.add_argument("--split", default="test",
@@ -198,13 +203,13 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
                         help="evaluate on another dataset than the run's: affine_mnist (an approximation of affNIST, "
                         "built from the MNIST files) or affnist (the official .mat files, with --data-dir), for a run "
                         "trained on expanded MNIST")  # fmt: skip
-    parser.add_argument("--data-dir", default=None,
+    parser.add_argument("--data-dir", type=_user_path, default=None,
                         help="directory of the dataset's files (default: the run's; for --dataset affnist, the folder "
                         "of the official .mat files)")  # fmt: skip
     parser.add_argument("--checkpoint", default="best", metavar="best|latest|STEP",
                         help="which checkpoint: the best validated one (default; the latest before the first epoch "
                         "ends), the latest, or a step number")  # fmt: skip
-    parser.add_argument("--out-dir", default=None,
+    parser.add_argument("--out-dir", type=_user_path, default=None,
                         help="where to write eval JSON and figures (default: the workdir, or FILE_eval/ beside "
                         "--weights)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=None)

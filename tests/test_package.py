@@ -82,3 +82,16 @@ def test_api_docs_build(tmp_path):
         assert page.stat().st_size > 1000, module
     ops = (out / "capsjax" / "ops.html").read_text()
     assert "dynamic_routing" in ops and "n_in, n_out" in ops
+
+
+def test_cli_paths_expand_the_home_directory(monkeypatch, tmp_path):
+    """``--workdir "~/runs/x"`` (quoted, or from a variable, where the shell leaves ``~``) wrote into ./~/runs/x."""
+    from capsjax.cli import build_eval_parser, build_train_parser, resolve_train_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_train_parser().parse_args(["--workdir", "~/runs/x", "--data-dir", "~/mnist"])
+    assert args.workdir == str(tmp_path / "runs" / "x")
+    assert resolve_train_config(args).data_dir == str(tmp_path / "mnist")
+    args = build_eval_parser().parse_args(["--workdir", "~/runs/x", "--data-dir", "~/d", "--out-dir", "~/o"])
+    assert (args.workdir, args.data_dir, args.out_dir) == tuple(str(tmp_path / p) for p in ("runs/x", "d", "o"))
+    assert build_eval_parser().parse_args(["--weights", "~/w.safetensors"]).weights == str(tmp_path / "w.safetensors")

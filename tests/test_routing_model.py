@@ -202,6 +202,7 @@ def test_routing_table_reads_runs_and_the_benchmark(tmp_path, capsys):
     (other / "results.json").write_text(json.dumps({"test_accuracy": 0.9}))
     row = next(r for r in table.main([str(tmp_path), "--json"]) if r["run"] == "efficient")
     assert row["routing"] == "efficient_capsnet" and row["em_inverse_temperature"] is None
+    assert row["routing_iterations"] == "one pass"  # not the unused model.routing_iterations (3)
     other.joinpath("config.json").unlink()  # keep the rest of this test's table as it was
     other.joinpath("results.json").unlink()
     # a folder collected by capsjax.results (record.json) instead of a command file
