@@ -24,7 +24,7 @@ def _user_path(text: str) -> str:
 # flag -> dotted config field
 _TRAIN_FLAGS = {
     "dataset": ("dataset", str, "dataset name: mnist, fashion_mnist, kmnist, cifar10, synthetic, ..."),
-    "data_dir": ("data_dir", _user_path, "directory of IDX files (offline); default: $CAPSJAX_DATA/<dataset>, then TFDS"),
+    "data_dir": ("data_dir", _user_path, "the dataset's files; default: $CAPSJAX_DATA/<dataset>, then TFDS"),
     "epochs": ("epochs", int, "training epochs"),
     "batch_size": ("batch_size", int, "global batch size (divisible by the number of devices)"),
     "eval_batch_size": ("eval_batch_size", int, "evaluation batch size"),
