@@ -85,22 +85,20 @@ def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
 
 
 def resolve_train_config(args: argparse.Namespace):
-    """Preset, then the named flags, then ``--set`` overrides."""
-    from capsjax.config import ConfigError, get_config, replace_path
+    """The preset with the named flags, then the ``--set`` overrides, applied (the later winning) and checked
+    together: ``--max-shift 2 --set augmentation=shift`` on a preset with another augmentation is valid."""
+    from capsjax.config import ConfigError, get_config, replace_paths
 
-    config = get_config(args.preset)
-    for flag, (path, _, _) in _TRAIN_FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            config = replace_path(config, path, value)
+    flags = ((path, getattr(args, flag)) for flag, (path, _, _) in _TRAIN_FLAGS.items())
+    items = [(path, value) for path, value in flags if value is not None]
     for item in args.set:
         field, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
-        config = replace_path(config, field.strip(), value.strip())
+        items.append((field.strip(), value.strip()))
     if args.quiet:
-        config = replace_path(config, "progress", False)
-    return config
+        items.append(("progress", False))
+    return replace_paths(get_config(args.preset), items)
 
 
 class _StopOnSignal:

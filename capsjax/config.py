@@ -520,6 +520,36 @@ def replace_path(config, path: str, value: Any):
         raise ConfigError(f"{path}={value!r}: {err}") from None
 
 
+def replace_paths(config, items: list[tuple[str, Any]]):
+    """A copy with several (nested) fields changed, ``[("max_shift", "2"), ("augmentation", "shift")]``, checked
+    together once all are set: fields that must change together (e.g. ``augmentation`` and ``max_shift``) may come
+    in any order. An invalid result raises :class:`ConfigError` naming the first override that made it invalid."""
+    data = to_dict(config)
+    for path, value in items:
+        _set_in(data, type(config), path, value)
+    try:
+        return from_dict(type(config), data)
+    except ConfigError:
+        for path, value in items:  # one at a time, for the message of replace_path naming the override
+            config = replace_path(config, path, value)
+        raise
+
+
+def _set_in(data: dict[str, Any], cls, path: str, value: Any) -> None:
+    head, _, rest = path.partition(".")
+    types_ = _field_types(cls)
+    if head not in types_:
+        raise ConfigError(f"unknown config field {path!r}; fields here: {', '.join(types_)}")
+    if rest:
+        if not dataclasses.is_dataclass(types_[head]):
+            raise ConfigError(f"{head!r} has no sub-fields")
+        _set_in(data[head], types_[head], rest, value)
+    elif dataclasses.is_dataclass(types_[head]):
+        raise ConfigError(f"{head!r} is a group of fields; set e.g. {head}.<field>=value")
+    else:
+        data[head] = _coerce(value, types_[head], path)
+
+
 def to_dict(config) -> dict[str, Any]:
     """Plain JSON-able dict (nested)."""
     return dataclasses.asdict(config)

@@ -95,3 +95,24 @@ def test_cli_paths_expand_the_home_directory(monkeypatch, tmp_path):
     args = build_eval_parser().parse_args(["--workdir", "~/runs/x", "--data-dir", "~/d", "--out-dir", "~/o"])
     assert (args.workdir, args.data_dir, args.out_dir) == tuple(str(tmp_path / p) for p in ("runs/x", "d", "o"))
     assert build_eval_parser().parse_args(["--weights", "~/w.safetensors"]).weights == str(tmp_path / "w.safetensors")
+
+
+def test_cli_overrides_are_checked_together_in_any_order():
+    """``--max-shift 2 --set augmentation=shift`` on the efficient_capsnet preset was refused: each override was
+    checked alone, and max_shift came first against the preset's own augmentation."""
+    import pytest
+
+    from capsjax.cli import build_train_parser, resolve_train_config
+    from capsjax.config import ConfigError
+
+    parse = build_train_parser().parse_args
+    config = resolve_train_config(parse(["--preset", "efficient_capsnet", "--max-shift", "2", "--set",
+                                         "augmentation=shift", "--quiet"]))  # fmt: skip
+    assert (config.augmentation, config.max_shift, config.progress) == ("shift", 2, False)
+    assert resolve_train_config(parse(["--set", "epochs=3", "--set", "epochs=4"])).epochs == 4  # the later wins
+    with pytest.raises(ConfigError, match="max_shift=0"):  # still refused when the result is invalid
+        resolve_train_config(parse(["--preset", "efficient_capsnet", "--max-shift", "2"]))
+    with pytest.raises(ConfigError, match="unknown config field 'nope'"):
+        resolve_train_config(parse(["--set", "model.nope=1"]))
+    with pytest.raises(ConfigError, match="routing_iterations"):
+        resolve_train_config(parse(["--routing-iterations", "0"]))
