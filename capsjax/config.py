@@ -19,6 +19,7 @@ ARCHS = ("capsnet", "cnn", "efficient_capsnet")  # ModelConfig.arch: capsjax.mod
 KERNELS = ("auto", "fast", "textbook")  # ModelConfig.kernels; "auto": "fast" on the CPU backend (capsjax.layers)
 PRECISIONS = ("float32", "mixed")  # ModelConfig.precision (capsjax.precision)
 ROUTINGS = ("dynamic", "em", "inverted_attention", "self_attention")  # ModelConfig.routing: capsjax.routing.ALGORITHMS
+AUGMENTATIONS = ("shift", "efficient_capsnet")  # TrainConfig.augmentation: capsjax.data.augment.train_augmentation
 
 
 class ConfigError(ValueError):
@@ -276,8 +277,8 @@ class TrainConfig:
                 f"canvas_size={self.canvas_size} places the digits at random offsets, which replaces the random "
                 f"shifts: set max_shift=0 (got {self.max_shift})"
             )
-        if self.augmentation not in ("shift", "efficient_capsnet"):
-            raise ConfigError(f"augmentation must be 'shift' or 'efficient_capsnet', got {self.augmentation!r}")
+        if self.augmentation not in AUGMENTATIONS:
+            raise ConfigError(f"augmentation must be one of {list(AUGMENTATIONS)}, got {self.augmentation!r}")
         if self.augmentation != "shift" and (self.max_shift or self.canvas_size):
             raise ConfigError(
                 f"augmentation={self.augmentation!r} moves the digits itself: set max_shift=0 and canvas_size=0 "

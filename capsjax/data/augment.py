@@ -7,6 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from capsjax.config import AUGMENTATIONS
+
 
 def shift_images(images: jax.Array, offsets: jax.Array) -> jax.Array:
     """Translates each image by its own integer offset, filling the vacated area with zeros.
@@ -203,9 +205,6 @@ def efficient_capsnet_augmentation(key: jax.Array, images: jax.Array) -> jax.Arr
     images = random_margin_shift(keys[1], images)
     images = random_squish(keys[2], images)
     return random_erase(keys[3], images)
-
-
-AUGMENTATIONS = ("shift", "efficient_capsnet")  # TrainConfig.augmentation
 
 
 def train_augmentation(
