@@ -63,3 +63,19 @@ def test_canvas_margins_counts_digits_near_the_border(mnist_dir):
         assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1, (name, fractions)
     # expanded MNIST keeps MNIST's ~4 px margins (offsets only where the 28x28 digit fits whole); affine_mnist may not
     assert out["expanded_mnist"]["within_1px"] < 0.01 < out["affine_mnist"]["within_1px"]
+
+
+def test_matmul_reports_each_precision_per_shape():
+    out = run_script("matmul.py", "--shapes", "8x16x4,3x5x7", "--repeats", "1")
+    assert [p["shape"] for p in out["products"]] == [[8, 16, 4], [3, 5, 7]]
+    assert out["products"][0]["gflop"] == round(2 * 8 * 16 * 4 / 1e9, 2)
+    for record in out["products"]:
+        for key in ("float32", "bfloat16_operands_float32_accumulation", "bfloat16"):
+            assert record[f"{key}_gflop_per_s"] >= 0, (key, record)
+    assert out["machine"]["cpu_model"]
+
+
+def test_matmul_refuses_a_shape_that_is_not_m_by_k_by_n():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "matmul.py"), "--shapes", "8x16"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 2 and "is not MxKxN" in result.stderr
