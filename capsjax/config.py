@@ -499,25 +499,13 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
 
 
 def replace_path(config, path: str, value: Any):
-    """``replace_path(config, "model.routing_iterations", "2")``: a copy with one (nested) field changed."""
-    head, _, rest = path.partition(".")
-    types_ = _field_types(type(config))
-    if head not in types_:
-        raise ConfigError(f"unknown config field {path!r}; fields here: {', '.join(types_)}")
-    if rest:
-        child = getattr(config, head)
-        if not dataclasses.is_dataclass(child):
-            raise ConfigError(f"{head!r} has no sub-fields")
-        new = replace_path(child, rest, value)
-    else:
-        if dataclasses.is_dataclass(types_[head]):
-            raise ConfigError(f"{head!r} is a group of fields; set e.g. {head}.<field>=value")
-        new = _coerce(value, types_[head], path)
+    """``replace_path(config, "model.routing_iterations", "2")``: a copy with one (nested) field changed; an invalid
+    result raises :class:`ConfigError` prefixed with the override (``model.routing_iterations='0': ...``)."""
+    data = to_dict(config)
+    _set_in(data, type(config), path, value)
     try:
-        return dataclasses.replace(config, **{head: new})
-    except ConfigError:
-        raise
-    except ValueError as err:
+        return from_dict(type(config), data)
+    except ConfigError as err:
         raise ConfigError(f"{path}={value!r}: {err}") from None
 
 
@@ -536,19 +524,20 @@ def replace_paths(config, items: list[tuple[str, Any]]):
         raise
 
 
-def _set_in(data: dict[str, Any], cls, path: str, value: Any) -> None:
+def _set_in(data: dict[str, Any], cls, path: str, value: Any, _done: str = "") -> None:
+    """Sets ``path`` (dotted) in ``data``, :func:`to_dict`'s form of a ``cls``, to ``value`` coerced to its type."""
     head, _, rest = path.partition(".")
     types_ = _field_types(cls)
     if head not in types_:
-        raise ConfigError(f"unknown config field {path!r}; fields here: {', '.join(types_)}")
+        raise ConfigError(f"unknown config field {_done + head!r}; fields here: {', '.join(types_)}")
     if rest:
         if not dataclasses.is_dataclass(types_[head]):
-            raise ConfigError(f"{head!r} has no sub-fields")
-        _set_in(data[head], types_[head], rest, value)
+            raise ConfigError(f"{_done + head!r} has no sub-fields")
+        _set_in(data[head], types_[head], rest, value, f"{_done}{head}.")
     elif dataclasses.is_dataclass(types_[head]):
-        raise ConfigError(f"{head!r} is a group of fields; set e.g. {head}.<field>=value")
+        raise ConfigError(f"{_done + head!r} is a group of fields; set e.g. {_done}{head}.<field>=value")
     else:
-        data[head] = _coerce(value, types_[head], path)
+        data[head] = _coerce(value, types_[head], _done + path)
 
 
 def to_dict(config) -> dict[str, Any]:

@@ -112,7 +112,7 @@ def test_cli_overrides_are_checked_together_in_any_order():
     assert resolve_train_config(parse(["--set", "epochs=3", "--set", "epochs=4"])).epochs == 4  # the later wins
     with pytest.raises(ConfigError, match="max_shift=0"):  # still refused when the result is invalid
         resolve_train_config(parse(["--preset", "efficient_capsnet", "--max-shift", "2"]))
-    with pytest.raises(ConfigError, match="unknown config field 'nope'"):
+    with pytest.raises(ConfigError, match="unknown config field 'model.nope'"):  # the whole path
         resolve_train_config(parse(["--set", "model.nope=1"]))
     with pytest.raises(ConfigError, match="routing_iterations"):
         resolve_train_config(parse(["--routing-iterations", "0"]))
