@@ -111,7 +111,9 @@ class ModelConfig:
         if self.arch == "capsnet":
             self.primary_grid  # raises if the convolution kernels do not fit the image
             if self.routing == "em" and round(self.class_dim**0.5) ** 2 != self.class_dim:
-                raise ValueError(f"routing 'em' needs class_dim = p * p for p x p poses (16: 4x4), got {self.class_dim}")
+                raise ValueError(
+                    f"routing 'em' needs class_dim = p * p for p x p poses (16: 4x4), got {self.class_dim}"
+                )
             if self.routing != "dynamic" and (self.routing_bias or self.routing_stop_gradient):
                 raise ValueError("routing_bias and routing_stop_gradient apply to routing 'dynamic' only")
             if not self.routing_em_inverse_temperature > 0:
