@@ -7,6 +7,8 @@ after parsing their flags, so ``--help`` does not wait for JAX.
 from __future__ import annotations
 
 import os
+import statistics
+import time
 from typing import Any
 
 import jax
@@ -37,6 +39,18 @@ def random_batch(
     images = rng.integers(0, 256, (batch_size, *model_config.image_shape), dtype=np.uint8)
     labels = rng.integers(0, model_config.num_classes, batch_size).astype(np.int32)
     return jax.device_put(images, steps.data_sharding), jax.device_put(labels, steps.data_sharding)
+
+
+def median_seconds(fn, *args, repeats: int) -> float:
+    """The median wall time of ``repeats`` calls of ``fn(*args)`` (each waited for), after one untimed call that
+    compiles it."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 _CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "avx_vnni")

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 VARIANTS = ("float32", "bfloat16_operands_float32_accumulation", "bfloat16")
 
@@ -42,32 +40,22 @@ def main(argv=None) -> dict:
     import jax
     import jax.numpy as jnp
 
+    # each takes its operands as given: the bfloat16 ones are converted once, outside the timed call
     products = {
-        "float32": lambda a, b: jnp.dot(a, b),
-        "bfloat16_operands_float32_accumulation": lambda a, b: jnp.dot(
-            a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32
-        ),
-        "bfloat16": lambda a, b: jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)),
+        "float32": jnp.dot,
+        "bfloat16_operands_float32_accumulation": lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32),
+        "bfloat16": jnp.dot,
     }
     results = []
     for m, k, n in args.shapes:
         a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
         b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+        a16, b16 = jax.block_until_ready((a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)))
         record = {"shape": [m, k, n], "gflop": round(2 * m * k * n / 1e9, 2)}
         for name in VARIANTS:
-            # the operands are converted outside the timed call: what is timed is the product alone
-            fn = jax.jit(products[name])
-            if name != "float32":
-                a_in, b_in = jax.block_until_ready((a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)))
-            else:
-                a_in, b_in = a, b
-            jax.block_until_ready(fn(a_in, b_in))
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(fn(a_in, b_in))
-                times.append(time.perf_counter() - start)
-            record[f"{name}_gflop_per_s"] = round(2 * m * k * n / statistics.median(times) / 1e9, 1)
+            operands = (a, b) if name == "float32" else (a16, b16)
+            seconds = _setup.median_seconds(jax.jit(products[name]), *operands, repeats=args.repeats)
+            record[f"{name}_gflop_per_s"] = round(2 * m * k * n / seconds / 1e9, 1)
         results.append(record)
     out = {"products": results, "repeats": args.repeats, "machine": _setup.machine()}
     print(json.dumps(out), flush=True)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 
 def main(argv=None) -> dict:
@@ -21,6 +19,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
+    import _setup  # noqa: E402  (after the flags: --help does not wait for JAX)
     import jax
     import jax.numpy as jnp
 
@@ -40,13 +39,7 @@ def main(argv=None) -> dict:
         forward = jax.jit(routing)
         both = jax.jit(jax.grad(lambda u, routing=routing: jnp.sum(routing(u) * target)))
         for name, fn in (("forward", forward), ("forward_backward", both)):
-            jax.block_until_ready(fn(u))
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(fn(u))
-                times.append(time.perf_counter() - start)
-            result[f"{label}_{name}_ms"] = round(1000 * statistics.median(times), 1)
+            result[f"{label}_{name}_ms"] = round(1000 * _setup.median_seconds(fn, u, repeats=args.repeats), 1)
     print(json.dumps(result), flush=True)
     return result
 
