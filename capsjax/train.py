@@ -71,7 +71,8 @@ def train_and_evaluate(
     config: TrainConfig, workdir: str | Path, *, should_stop: Callable[[], bool] | None = None
 ) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming from its newest intact checkpoint), validates and checkpoints every
-    epoch, and evaluates the final model on the test set.
+    epoch, and evaluates the final model on the test set (rerun after the run has ended, it returns the recorded
+    ``results.json`` without training or scoring again).
 
     Writes ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/`` and ``results.json`` into
     ``workdir`` and returns the results dict. ``should_stop()`` is polled every step (and between evaluation batches):
@@ -106,6 +107,11 @@ def train_and_evaluate(
             graphdef, config.optim, config.loss, augment=augment, mesh=mesh, num_targets=config.model.num_targets
         )  # 4. steps
         try:
+            finished = _finished_results(run)
+            if finished is not None:  # the same command rerun after the run had ended: nothing to train or score
+                return finished
+            if jax.process_index() == 0:  # written again when this run ends (e.g. resumed for more epochs): not done
+                (workdir / "results.json").unlink(missing_ok=True)
             _loop(run, steps)  # 5. the loop
             return _end_of_run(run, steps)  # 6. end of run
         except KeyboardInterrupt:
@@ -318,6 +324,24 @@ def _reconstructions_to_tensorboard(run: _Run, steps: Steps, count: int = 8) -> 
 
 
 # ---- 6. end of run
+def _finished_results(run: _Run) -> dict[str, Any] | None:
+    """The ``results.json`` of a run that had already ended in its work directory (its last step trained, validated
+    and scored), or None when there is training or its final evaluation left to do."""
+    if run.step < run.total_steps or run.validate_first:
+        return None
+    try:
+        results = json.loads((run.workdir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(results, dict) or results.get("steps") != run.step or "test_accuracy" not in results:
+        return None
+    run.console.write(
+        f"the run in {run.workdir} has ended (step {run.step}): test accuracy {100 * results['test_accuracy']:.2f}% "
+        "(results.json); more epochs continue it (--epochs)"
+    )
+    return results
+
+
 def _end_of_run(run: _Run, steps: Steps) -> dict[str, Any]:
     config = run.config
     test = _evaluate(run, steps, run.datasets.test)

@@ -259,7 +259,6 @@ def apply_resume_rules(config: TrainConfig, workdir: Path, data_fingerprint: str
     if jax.process_index() == 0:
         save_config(config, path)
         marker.unlink(missing_ok=True)
-        (workdir / "results.json").unlink(missing_ok=True)  # written again when this run ends: until then, not done
         if data_fingerprint is not None:
             write_atomic(data_file, json.dumps({"fingerprint": data_fingerprint}) + "\n")
     return config

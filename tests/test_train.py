@@ -14,7 +14,7 @@ import jax
 from capsjax import data as datalib
 from capsjax.config import ConfigError, LossConfig, ModelConfig, OptimConfig, get_config, load_config, replace_path
 from capsjax.steps import MAX_IN_FLIGHT, init_state, make_steps
-from capsjax.train import train_and_evaluate
+from capsjax.train import Preempted, train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -207,6 +207,29 @@ def test_resume_continues_exactly(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert {"train", "validation", "test"} <= {line["split"] for line in lines}
+
+
+@pytest.mark.slow
+def test_rerun_of_an_ended_run_returns_its_results_without_scoring_again(tmp_path, monkeypatch):
+    import capsjax.train as trainlib
+
+    config = dataclasses.replace(SMOKE, train_examples=64, validation_examples=32, epochs=1)
+    results = train_and_evaluate(config, tmp_path)
+    lines = (tmp_path / "metrics.jsonl").read_text()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the ended run was scored again")  # it was: minutes of test evaluation per rerun
+
+    monkeypatch.setattr(trainlib, "_evaluate", refuse)
+    assert train_and_evaluate(config, tmp_path) == results
+    assert (tmp_path / "metrics.jsonl").read_text() == lines
+    # more epochs continue it: not finished any more, its results.json goes until it ends again (and is scored again)
+    monkeypatch.undo()
+    more = dataclasses.replace(config, epochs=2)
+    with pytest.raises(Preempted):
+        train_and_evaluate(more, tmp_path, should_stop=lambda: True)
+    assert not (tmp_path / "results.json").exists()
+    assert train_and_evaluate(more, tmp_path)["steps"] == 2 * results["steps"]
 
 
 def test_non_finite_loss_stops_training(tmp_path):
