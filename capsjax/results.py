@@ -278,15 +278,32 @@ def write_table(readme: str | Path, results_dir: str | Path = "results", check: 
 
 
 def collect(
-    workdir: str | Path, dest: str | Path, command: str, status: str | None = None, note: str | None = None
+    workdir: str | Path,
+    dest: str | Path,
+    command: str,
+    status: str | None = None,
+    note: str | None = None,
+    replace: bool = False,
 ) -> Path:
     """Copies a run's small files from ``workdir`` into ``dest`` and writes ``dest/record.json``; rerun it as the run
     grows (the first collection's date is kept; copies whose source is gone are removed). ``status`` defaults to
     "complete" once ``results.json`` exists, "in progress" before, "diverged ..." while ``diverged.json`` does;
-    ``note`` (kept until replaced) says what a reader should know, e.g. what else ran."""
+    ``note`` (kept until replaced) says what a reader should know, e.g. what else ran.
+
+    Raises ValueError if ``dest`` holds another run (:func:`same_run`), unless ``replace`` (which also starts a new
+    ``record.json``)."""
     workdir, dest = Path(workdir).expanduser(), Path(dest)
     if not (workdir / "config.json").exists():
         raise ValueError(f"{workdir} has no config.json: is it a capsjax work directory?")
+    if (dest / "config.json").exists():
+        differs = same_run(dest, workdir)
+        if differs and not replace:
+            raise ValueError(
+                f"{dest} holds another run than {workdir} ({differs}): collect into another folder, or replace it "
+                "(--replace)"
+            )
+        if differs:
+            (dest / "record.json").unlink(missing_ok=True)
     dest.mkdir(parents=True, exist_ok=True)
     sources = [workdir / name for name in COPIED if (workdir / name).exists()]
     sources += [
@@ -316,6 +333,32 @@ def collect(
         record["note"] = note
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     return dest
+
+
+def same_run(a: Path, b: Path) -> str:
+    """Why the runs in folders ``a`` and ``b`` (work directories or ``results/`` folders) are not one run, or "" if
+    nothing says so: settings that a resumed run may not change (:func:`capsjax.workdir.refused_changes`; the optimizer's
+    may, after a divergence), or different first lines of ``metrics.jsonl`` (the run's first logged steps, which a
+    resumed run keeps)."""
+    from capsjax.config import load_config
+    from capsjax.workdir import refused_changes
+
+    listed = refused_changes(load_config(a / "config.json"), load_config(b / "config.json"), allowed=("optim.",))
+    if listed:
+        return listed
+    firsts = []
+    for folder in (a, b):
+        path = folder / "metrics.jsonl"
+        lines = path.read_text().splitlines()[:1] if path.exists() else []
+        firsts.append(json.loads(lines[0]) if lines and lines[0].endswith("}") else None)
+    if None not in firsts and firsts[0] != firsts[1]:
+        return f"their first logged steps differ: {_brief(firsts[0])} against {_brief(firsts[1])}"
+    return ""
+
+
+def _brief(record: dict[str, Any]) -> str:
+    loss = record.get("loss")
+    return f"step {record.get('step')} " + (f"loss {loss:.6g}" if isinstance(loss, float) else record.get("split", "?"))
 
 
 def _status(workdir: Path) -> str:
@@ -364,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--command", dest="run_command", required=True, help="the exact command that trains this run")
     p.add_argument("--status", default=None, help='e.g. "stopped at the session\'s end" (default: from results.json)')
     p.add_argument("--note", default=None, help="what a reader should know (e.g. other jobs shared the CPU)")
+    p.add_argument("--replace", action="store_true", help="DEST holds another run: replace it with this one")
     p = sub.add_parser("table", help="print the results table and the table against the paper, or write them")
     p.add_argument("--results-dir", default="results")
     p.add_argument("--write", metavar="README", default=None)
@@ -375,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "collect":
-            print(f"collected into {collect(args.workdir, args.dest, args.run_command, args.status, args.note)}")
+            print(f"collected into {collect(args.workdir, args.dest, args.run_command, args.status, args.note, args.replace)}")
         elif args.command == "table":
             if args.check:
                 current = write_table(args.check, args.results_dir, check=True)

@@ -200,11 +200,11 @@ def config_changes(previous: TrainConfig, current: TrainConfig) -> dict[str, tup
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def check_resume(previous: TrainConfig, current: TrainConfig, workdir: Path, allowed: Iterable[str] = ()) -> None:
-    """Raises :class:`ConfigError` if ``current`` changes a field that a resumed run must keep (anything outside
-    :data:`RESUMABLE_CHANGES` and ``allowed`` prefixes), listing the differences. Changing ``model.arch`` is refused;
-    the model fields that the run's architecture does not read (``ModelConfig.unused_fields``, e.g. ``cnn_*`` for
-    the CapsNet) may change."""
+def refused_changes(previous: TrainConfig, current: TrainConfig, allowed: Iterable[str] = ()) -> str:
+    """The fields ``current`` changes that a resumed run must keep (anything outside :data:`RESUMABLE_CHANGES` and
+    ``allowed`` prefixes), listed as "field old -> new, ..."; "" if none. Changing ``model.arch`` is refused; the
+    model fields that the run's architecture does not read (``ModelConfig.unused_fields``, e.g. ``cnn_*`` for the
+    CapsNet) may change."""
     allowed = tuple(allowed)
     unused = set()
     if previous.model.arch == current.model.arch:
@@ -214,8 +214,14 @@ def check_resume(previous: TrainConfig, current: TrainConfig, workdir: Path, all
         for k, v in config_changes(previous, current).items()
         if k not in RESUMABLE_CHANGES and k not in unused and not k.startswith(allowed)
     }
-    if refused:
-        listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+    return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in refused.items())
+
+
+def check_resume(previous: TrainConfig, current: TrainConfig, workdir: Path, allowed: Iterable[str] = ()) -> None:
+    """Raises :class:`ConfigError` if ``current`` changes a field that a resumed run must keep
+    (:func:`refused_changes`), listing the differences."""
+    listed = refused_changes(previous, current, allowed)
+    if listed:
         raise ConfigError(
             f"{workdir} holds a run with other settings ({listed}); rerun with its settings to resume "
             f"(see {workdir / 'config.json'}), or start a new run with another --workdir"

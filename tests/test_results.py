@@ -70,6 +70,37 @@ def test_collect_then_table(tmp_path):
         results.collect(tmp_path / "nothing", tmp_path / "results" / "y", "cmd")
 
 
+def test_collect_refuses_to_mix_two_runs_in_one_folder(tmp_path):
+    import dataclasses
+
+    # results/quick once received another run's files over its own (a reused work directory of an older recipe): the
+    # table then showed 94.97% where the recorded run had 98.29%
+    first, dest = tmp_path / "first", tmp_path / "results" / "quick"
+    write_run(first, [0.98], [0.98], [60.0])
+    results.collect(first, dest, "python train.py --a")
+    other = tmp_path / "other"
+    write_run(other, [0.95], [0.95], [60.0])
+    save_config(dataclasses.replace(get_config("default"), batch_size=32), other / "config.json")
+    with pytest.raises(ValueError, match="another run .*batch_size 128 -> 32"):
+        results.collect(other, dest, "python train.py --b")
+    assert json.loads((dest / "record.json").read_text())["command"] == "python train.py --a"  # nothing copied
+    # the same settings, other first steps (trained again from scratch): refused too
+    again = tmp_path / "again"
+    write_run(again, [0.95], [0.95], [60.0])
+    metrics = (again / "metrics.jsonl").read_text().replace('"loss": 0.1', '"loss": 0.2', 1)
+    (again / "metrics.jsonl").write_text(metrics)
+    with pytest.raises(ValueError, match="first logged steps differ"):
+        results.collect(again, dest, "python train.py --b")
+    # the same run grown (more epochs, a lower learning rate after a divergence) is collected; --replace takes another
+    save_config(dataclasses.replace(get_config("default"), epochs=9, optim=dataclasses.replace(
+        get_config("default").optim, learning_rate=5e-4)), first / "config.json")  # fmt: skip
+    results.collect(first, dest, "python train.py --a")
+    results.collect(other, dest, "python train.py --b", replace=True)
+    record = json.loads((dest / "record.json").read_text())
+    assert record["command"] == "python train.py --b" and "note" not in record
+    assert json.loads((dest / "config.json").read_text())["batch_size"] == 32
+
+
 def test_write_table_between_the_markers(tmp_path):
     write_run(tmp_path / "results" / "a", [0.9], [0.9], [60.0])
     readme = tmp_path / "README.md"
