@@ -337,9 +337,9 @@ def collect(
 
 def same_run(a: Path, b: Path) -> str:
     """Why the runs in folders ``a`` and ``b`` (work directories or ``results/`` folders) are not one run, or "" if
-    nothing says so: settings that a resumed run may not change (:func:`capsjax.workdir.refused_changes`; the optimizer's
-    may, after a divergence), or different first lines of ``metrics.jsonl`` (the run's first logged steps, which a
-    resumed run keeps)."""
+    nothing says so: settings that a resumed run may not change (:func:`capsjax.workdir.refused_changes`; the
+    optimizer's may, after a divergence), or different first lines of ``metrics.jsonl`` (the run's first logged
+    steps, which a resumed run keeps)."""
     from capsjax.config import load_config
     from capsjax.workdir import refused_changes
 
@@ -419,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "collect":
-            print(f"collected into {collect(args.workdir, args.dest, args.run_command, args.status, args.note, args.replace)}")
+            dest = collect(args.workdir, args.dest, args.run_command, args.status, args.note, args.replace)
+            print(f"collected into {dest}")
         elif args.command == "table":
             if args.check:
                 current = write_table(args.check, args.results_dir, check=True)
