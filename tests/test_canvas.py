@@ -114,14 +114,14 @@ def test_expanded_mnist_preset_does_not_saturate_the_class_capsules(mnist_dir):
 
     config = get_config("expanded_mnist")
     images, labels = datalib.load("mnist", "train", mnist_dir)
-    images, labels = fixed_placement(images[:32], 40, "train"), labels[:32].astype(np.int32)
+    images, labels = fixed_placement(images[:8], 40, "train"), labels[:8].astype(np.int32)
     graphdef, state = init_state(config.model, config.optim, seed=0)
     steps = make_steps(graphdef, config.optim, config.loss)
     losses = []
-    for _ in range(3):
+    for _ in range(2):
         state, metrics = steps.train(state, jnp.asarray(images), jnp.asarray(labels))
         losses.append(float(metrics["margin_loss"]))
-    assert max(losses[1:]) < 2.0, losses  # every capsule of length ~1: 9 absent classes x 0.5 x 0.9^2 = 3.6
+    assert losses[1] < 2.0, losses  # every capsule of length ~1: 9 absent classes x 0.5 x 0.9^2 = 3.6
 
 
 # ---- the affine set
