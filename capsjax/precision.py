@@ -31,6 +31,19 @@ def compute_dtype(precision: str):
     return jnp.bfloat16 if precision == "mixed" else None
 
 
+def row_major_transpose(a: jax.Array, axes: tuple[int, ...] | None = None) -> jax.Array:
+    """``a.transpose(axes)`` written out in row-major order, for an operand of a bfloat16 product.
+
+    XLA's CPU backend folds a transpose into the product that reads it (as a transposed operand layout), and its
+    bfloat16 products run fast only on row-major operands: the gradient products of the primary-capsule convolution
+    ran 2-4x slower with the transpose folded on a CPU with AMX (``python benchmarks/matmul.py --gradients``). A
+    reshape needs its operand in row-major order, so flattening the transpose, behind a barrier that keeps the pair
+    from being simplified away, makes XLA write it out: a copy of the smaller operand (a kernel, or the cotangent).
+    """
+    t = a.transpose(axes)
+    return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
+
+
 def _product(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
     return jnp.dot(x, w, preferred_element_type=out_dtype)
 
@@ -48,9 +61,8 @@ def _bf16_matmul_fwd(x, w):
 def _bf16_matmul_bwd(residuals, cotangent):
     xb, wb = residuals
     g = cotangent.astype(jnp.bfloat16)
-    x_grad = _product(g, wb.T, jnp.float32)
-    # [d_in, B] @ [B, d_out] as the transposed operand of a row-major product
-    w_grad = _product(xb.T, g, jnp.float32)
+    x_grad = _product(g, row_major_transpose(wb), jnp.float32)
+    w_grad = _product(row_major_transpose(xb), g, jnp.float32)
     return x_grad, w_grad
 
 

@@ -87,6 +87,39 @@ def test_fast_conv_in_bfloat16_is_close_to_float32_with_bfloat16_products_only(c
     assert dots and all(d == ("bf16", "bf16", "f32") for d in dots), dots
 
 
+def compiled_dot_contractions(fn, *args) -> list[str]:
+    """The contracting dimensions of every product in ``fn``'s compiled HLO, e.g. ``"lhs={1} rhs={0}"``."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return [f"lhs={lhs} rhs={rhs}" for lhs, rhs in re.findall(
+        r" dot\(.*?lhs_contracting_dims=(\{[\d,]*\}), rhs_contracting_dims=(\{[\d,]*\})", text)]  # fmt: skip
+
+
+def test_row_major_transpose_is_a_transpose():
+    a = jnp.asarray(RNG.normal(size=(3, 4, 5)), jnp.bfloat16)
+    np.testing.assert_array_equal(precision.row_major_transpose(a), a.transpose())
+    np.testing.assert_array_equal(precision.row_major_transpose(a, (0, 2, 1)), a.transpose(0, 2, 1))
+    assert precision.row_major_transpose(a).dtype == jnp.bfloat16
+
+
+def test_mixed_gradient_products_take_row_major_operands():
+    """XLA's CPU backend multiplies bfloat16 fast only on row-major operands (``benchmarks/matmul.py --gradients``):
+    with a transposed operand folded into the product (``lhs_contracting_dims={0}``, ``rhs_contracting_dims={1}``) the
+    primary-capsule convolution's gradient products ran 2-4x slower, and that CPU even converted such an operand to
+    float32. Every product of the mixed gradients of the kernel-row convolution (the primary capsules') and of
+    :func:`capsjax.precision.matmul` must contract the left operand's rows with the right one's columns."""
+    x = jnp.asarray(RNG.normal(size=(2, 13, 13, 16)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(5, 5, 16, 8)) / 5, jnp.float32)
+    conv_grads = compiled_dot_contractions(
+        jax.grad(lambda x, k: jnp.sum(fast.conv2d(x, k, 2, compute_dtype=jnp.bfloat16) ** 2), argnums=(0, 1)), x, k
+    )
+    a, w = jnp.asarray(RNG.normal(size=(4, 6)), jnp.float32), jnp.asarray(RNG.normal(size=(6, 7)), jnp.float32)
+    matmul_grads = compiled_dot_contractions(
+        jax.grad(lambda a, w: jnp.sum(precision.matmul(a, w, "mixed") ** 2), argnums=(0, 1)), a, w
+    )
+    for found in (conv_grads, matmul_grads):
+        assert len(found) >= 2 and set(found) == {"lhs={1} rhs={0}"}, found
+
+
 def test_float32_precision_compiles_no_bfloat16():
     model = capsjax.CapsNet(SMALL, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)

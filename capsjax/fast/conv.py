@@ -22,6 +22,7 @@ from jax import lax
 
 from capsjax.config import conv_output_size
 from capsjax.ops import reduction_dtype
+from capsjax.precision import row_major_transpose
 
 _GATHER_MIN_CHANNELS = 16  # below this a pixel is too short for a gather to beat slicing
 _ROW_LOOP_MIN_CHANNELS = 16  # below this a row of patches is too narrow for an efficient product
@@ -213,7 +214,10 @@ def _row_loop_matmul_bwd(stride, compute_dtype, residuals, cotangent):
     x_dtype = cotangent.dtype  # the result's dtype is x's
     acc_dtype = reduction_dtype(x_dtype)
     cotangent = cotangent.reshape(-1, c_out).astype(compute_dtype)
-    kernel_c = kernel.astype(compute_dtype)
+    # both gradient products with row-major operands: the transposed cotangent [C_out, B*oh*ow] and kernel rows
+    # [kh, C_out, kw*C_in] (row_major_transpose)
+    cotangent_t = row_major_transpose(cotangent)
+    kernel_rows_t = row_major_transpose(kernel.astype(compute_dtype).reshape(kh, kw * c_in, c_out), (0, 2, 1))
 
     def width_patches(rows):
         return _width_patches(rows, kw, stride)
@@ -221,20 +225,20 @@ def _row_loop_matmul_bwd(stride, compute_dtype, residuals, cotangent):
     # the transpose of the patch gather (a linear map), summed in the accumulation dtype
     _, patches_transpose = jax.vjp(width_patches, jnp.zeros((batch, oh, width, c_in), acc_dtype))
 
-    def row_grads(x_grad, i_and_kernel_row):
-        i, kernel_row = i_and_kernel_row
+    def row_grads(x_grad, i_and_kernel_row_t):
+        i, kernel_row_t = i_and_kernel_row_t
         # This row's patches again (a gather, cheap next to the products) instead of a residual of the forward loop.
         patches = width_patches(_kernel_row_input(x_phased, i, oh))
         # Transposed, [C_out, kw*C_in], the kernel gradient is a plain row-major product for XLA's CPU backend.
-        kernel_grad_t = jnp.dot(cotangent.T, patches, preferred_element_type=acc_dtype)
-        patch_grad = jnp.dot(cotangent, kernel_row.reshape(kw * c_in, c_out).T, preferred_element_type=acc_dtype)
+        kernel_grad_t = jnp.dot(cotangent_t, patches, preferred_element_type=acc_dtype)
+        patch_grad = jnp.dot(cotangent, kernel_row_t, preferred_element_type=acc_dtype)
         (rows_grad,) = patches_transpose(patch_grad)
         start = (0, i // stride, i % stride, 0, 0)
         current = lax.dynamic_slice(x_grad, start, (batch, oh, 1, width, c_in))
         x_grad = lax.dynamic_update_slice(x_grad, current + rows_grad.reshape(current.shape), start)
         return x_grad, kernel_grad_t
 
-    x_grad, kernel_grad_t = lax.scan(row_grads, jnp.zeros(x_phased.shape, acc_dtype), (jnp.arange(kh), kernel_c))
+    x_grad, kernel_grad_t = lax.scan(row_grads, jnp.zeros(x_phased.shape, acc_dtype), (jnp.arange(kh), kernel_rows_t))
     x_grad = x_grad.reshape(batch, -1, width, c_in)[:, :height].astype(x_dtype)
     kernel_grad = kernel_grad_t.reshape(kh, c_out, kw, c_in).transpose(0, 2, 3, 1).astype(kernel.dtype)
     return x_grad, kernel_grad
