@@ -58,8 +58,8 @@ def cpu_flags() -> set[str]:
 
 
 def machine() -> str:
-    """The CPU model (:func:`cpu_model`), core count and widest vector extension (with bfloat16 arithmetic if the CPU
-    has it), or the accelerator JAX would use."""
+    """The CPU model (:func:`cpu_model`), core count and widest vector extension (with bfloat16 arithmetic, and AMX
+    matrix units, if the CPU has them), or the accelerator JAX would use."""
     try:
         import jax
 
@@ -70,7 +70,7 @@ def machine() -> str:
         pass
     flags = cpu_flags()
     vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "")
-    bf16 = " with bf16" if flags & {"avx512_bf16", "amx_bf16"} else ""
+    bf16 = " with AMX bf16" if "amx_bf16" in flags else " with bf16" if "avx512_bf16" in flags else ""
     return ", ".join(part for part in (cpu_model(), f"{os.cpu_count()} cores", vector + bf16) if part)
 
 

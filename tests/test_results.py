@@ -208,3 +208,15 @@ def test_the_paper_table_puts_each_test_evaluation_beside_the_papers_figure(tmp_
     results.write_table(readme, tmp_path / "results")
     assert rows[-1] in readme.read_text() and "old" not in readme.read_text()
     assert results.write_table(readme, tmp_path / "results", check=True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "described"),
+    [({"avx2"}, "AVX2"), ({"avx2", "avx512f", "avx512_bf16"}, "AVX-512 with bf16"),
+     ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX-512 with AMX bf16")],
+)  # fmt: skip
+def test_the_machine_names_the_cpu_and_its_bfloat16_arithmetic(monkeypatch, flags, described):
+    monkeypatch.setattr(results, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(results, "cpu_model", lambda: "Some CPU")
+    monkeypatch.setattr(results.os, "cpu_count", lambda: 2)
+    assert results.machine() == f"Some CPU, 2 cores, {described}"
