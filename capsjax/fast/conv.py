@@ -6,9 +6,11 @@ elsewhere) is far slower than the gradient of the same convolution written as pa
 
 It comes in two shapes. With few input channels (the image) it gathers all patches into one matrix and multiplies
 once. With many (the primary capsules' 256) that matrix would be the largest buffer of a training step (285 MiB at
-batch 100), so it loops over the kernel's rows instead: each iteration gathers one row of patches,
-``[B*oh*ow, kw*C]``, and adds its product with that kernel row; the gradient runs the same loop and gathers each row
-again rather than keeping it, so neither pass ever holds more than one row of patches.
+batch 100), so it loops over the kernel's rows instead, and within a row over its taps: tap ``(i, j)`` reads one
+strided slice of the input, ``[B*oh*ow, C]``, and adds its product with that tap's ``[C, C_out]`` kernel. The gradient
+runs the same loop and slices the input again rather than keeping it, so neither pass ever holds more than one
+row's input. (Gathering a row's patches into one ``[B*oh*ow, kw*C]`` matrix for a single product per row, the form
+before, took 1.2-1.4x as long at batch 100 on a CPU with AMX: the slices feed the products directly.)
 """
 
 from __future__ import annotations
@@ -173,16 +175,15 @@ def _kernel_row_input(x_phased: jax.Array, i: jax.Array, out_height: int) -> jax
     return rows.reshape(batch, out_height, width, channels)
 
 
-def _width_patches(rows: jax.Array, kernel_width: int, stride: int) -> jax.Array:
-    """The ``1 x kw`` patches of ``rows`` [B, oh, W, C] as a matrix ``[B*oh*ow, kw*C]`` (row-major over b, y, x)."""
-    batch, out_height, width, channels = rows.shape
-    patches = extract_patches(rows.reshape(batch * out_height, 1, width, channels), (1, kernel_width), stride)
-    return patches.reshape(-1, kernel_width * channels)
+def _tap(rows: jax.Array, j: int, out_width: int, stride: int) -> jax.Array:
+    """The pixels that kernel tap ``(i, j)`` reads from ``rows`` [B, oh, W, C] (the input rows of kernel row ``i``),
+    as a matrix ``[B*oh*ow, C]``: a strided slice."""
+    return rows[:, :, j : j + stride * (out_width - 1) + 1 : stride, :].reshape(-1, rows.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _row_loop_matmul(x: jax.Array, kernel: jax.Array, stride: int, compute_dtype) -> jax.Array:
-    """The convolution as a loop over kernel rows, each one row of patches times one kernel row (module docstring)."""
+    """The convolution as a loop over kernel rows, each the sum of its taps' products (module docstring)."""
     return _row_loop_matmul_fwd(x, kernel, stride, compute_dtype)[0]
 
 
@@ -196,8 +197,10 @@ def _row_loop_matmul_fwd(x, kernel, stride, compute_dtype):
 
     def add_row(acc, i_and_kernel_row):
         i, kernel_row = i_and_kernel_row
-        patches = _width_patches(_kernel_row_input(x_phased, i, oh), kw, stride)
-        return acc + jnp.dot(patches, kernel_row.reshape(kw * c_in, c_out), preferred_element_type=acc_dtype), None
+        rows = _kernel_row_input(x_phased, i, oh)
+        for j in range(kw):
+            acc = acc + jnp.dot(_tap(rows, j, ow, stride), kernel_row[j], preferred_element_type=acc_dtype)
+        return acc, None
 
     kernel_c = kernel.astype(compute_dtype)
     out, _ = lax.scan(add_row, jnp.zeros((batch * oh * ow, c_out), acc_dtype), (jnp.arange(kh), kernel_c))
@@ -209,38 +212,38 @@ def _row_loop_matmul_bwd(stride, compute_dtype, residuals, cotangent):
     x_c, kernel = residuals
     kh, kw, c_in, c_out = kernel.shape
     batch, height, width, _ = x_c.shape
-    oh = conv_output_size(height, kh, stride)
+    oh, ow = conv_output_size(height, kh, stride), conv_output_size(width, kw, stride)
     x_phased = _rows_by_phase(x_c, stride)
     x_dtype = cotangent.dtype  # the result's dtype is x's
     acc_dtype = reduction_dtype(x_dtype)
     cotangent = cotangent.reshape(-1, c_out).astype(compute_dtype)
-    # both gradient products with row-major operands: the transposed cotangent [C_out, B*oh*ow] and kernel rows
-    # [kh, C_out, kw*C_in] (row_major_transpose)
+    # Both gradient products of every tap with row-major operands (capsjax.precision.row_major_transpose): the
+    # transposed cotangent [C_out, B*oh*ow] and the transposed kernel taps [kh, kw, C_out, C_in].
     cotangent_t = row_major_transpose(cotangent)
-    kernel_rows_t = row_major_transpose(kernel.astype(compute_dtype).reshape(kh, kw * c_in, c_out), (0, 2, 1))
-
-    def width_patches(rows):
-        return _width_patches(rows, kw, stride)
-
-    # the transpose of the patch gather (a linear map), summed in the accumulation dtype
-    _, patches_transpose = jax.vjp(width_patches, jnp.zeros((batch, oh, width, c_in), acc_dtype))
+    kernel_t = row_major_transpose(kernel.astype(compute_dtype), (0, 1, 3, 2))
+    zero = jnp.zeros((), acc_dtype)
 
     def row_grads(x_grad, i_and_kernel_row_t):
         i, kernel_row_t = i_and_kernel_row_t
-        # This row's patches again (a gather, cheap next to the products) instead of a residual of the forward loop.
-        patches = width_patches(_kernel_row_input(x_phased, i, oh))
-        # Transposed, [C_out, kw*C_in], the kernel gradient is a plain row-major product for XLA's CPU backend.
-        kernel_grad_t = jnp.dot(cotangent_t, patches, preferred_element_type=acc_dtype)
-        patch_grad = jnp.dot(cotangent, kernel_row_t, preferred_element_type=acc_dtype)
-        (rows_grad,) = patches_transpose(patch_grad)
+        # This row's input again (a slice) rather than a residual of the forward loop.
+        rows = _kernel_row_input(x_phased, i, oh)
+        kernel_grads, rows_grad = [], jnp.zeros((batch, oh, width, c_in), acc_dtype)
+        for j in range(kw):
+            # The kernel gradient transposed, [C_out, C_in]: a plain row-major product for XLA's CPU backend.
+            kernel_grads.append(jnp.dot(cotangent_t, _tap(rows, j, ow, stride), preferred_element_type=acc_dtype))
+            tap_grad = jnp.dot(cotangent, kernel_row_t[j], preferred_element_type=acc_dtype)
+            # the transpose of the tap's strided slice: a pad with stride - 1 zeros between the pixels
+            right = width - (j + stride * (ow - 1) + 1)
+            padding = ((0, 0, 0), (0, 0, 0), (j, right, stride - 1), (0, 0, 0))
+            rows_grad = rows_grad + lax.pad(tap_grad.reshape(batch, oh, ow, c_in), zero, padding)
         start = (0, i // stride, i % stride, 0, 0)
         current = lax.dynamic_slice(x_grad, start, (batch, oh, 1, width, c_in))
         x_grad = lax.dynamic_update_slice(x_grad, current + rows_grad.reshape(current.shape), start)
-        return x_grad, kernel_grad_t
+        return x_grad, jnp.stack(kernel_grads)
 
-    x_grad, kernel_grad_t = lax.scan(row_grads, jnp.zeros(x_phased.shape, acc_dtype), (jnp.arange(kh), kernel_rows_t))
+    x_grad, kernel_grad_t = lax.scan(row_grads, jnp.zeros(x_phased.shape, acc_dtype), (jnp.arange(kh), kernel_t))
     x_grad = x_grad.reshape(batch, -1, width, c_in)[:, :height].astype(x_dtype)
-    kernel_grad = kernel_grad_t.reshape(kh, c_out, kw, c_in).transpose(0, 2, 3, 1).astype(kernel.dtype)
+    kernel_grad = kernel_grad_t.transpose(0, 1, 3, 2).astype(kernel.dtype)
     return x_grad, kernel_grad
 
 
