@@ -11,7 +11,8 @@ does), and with a bfloat16 output; one JSON line with the median GFLOP/s of each
 
 ``--gradients`` times instead the two gradient products of ``a [M, K] @ b [K, N]`` as capsjax's convolutions compute
 them, ``g @ b.T`` and the transposed weight gradient ``g.T @ a``, in float32 and with bfloat16 operands, each with the
-transpose left to XLA (which folds it into the product) and written out in row-major order first (:func:`capsjax.precision.row_major_transpose`, what ``--precision mixed`` does). The
+transpose left to XLA (which folds it into the product) and written out in row-major order first
+(:func:`capsjax.precision.row_major_transpose`, what ``--precision mixed`` does). The
 default shape is then one kernel row of the primary-capsule convolution at batch 100 (3600 x 2304 by 2304 x 256).
 """
 
@@ -42,7 +43,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--gradients", action="store_true", help="time the two gradient products (module docstring)")
     args = parser.parse_args(argv)
-    args.shapes_given = any(a == "--shapes" or a.startswith("--shapes=") for a in (argv if argv is not None else sys.argv))
+    given = argv if argv is not None else sys.argv
+    args.shapes_given = any(a == "--shapes" or a.startswith("--shapes=") for a in given)
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     import _setup  # noqa: E402  (after the flags: --help does not wait for JAX)

@@ -79,3 +79,14 @@ def test_matmul_refuses_a_shape_that_is_not_m_by_k_by_n():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "matmul.py"), "--shapes", "8x16"],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
     assert result.returncode == 2 and "is not MxKxN" in result.stderr
+
+
+def test_matmul_gradients_reports_both_forms_of_both_products():
+    out = run_script("matmul.py", "--gradients", "--shapes", "8x16x4", "--repeats", "1")
+    (record,) = out["gradient_products"]
+    assert record["shape"] == [8, 16, 4]
+    for dtype in ("float32", "bfloat16_operands"):
+        for product in ("input_grad", "weight_grad"):
+            for form in ("folded", "row_major"):
+                assert record[f"{dtype}_{product}_{form}_gflop_per_s"] >= 0, record
+    assert out["machine"]["cpu_model"]
