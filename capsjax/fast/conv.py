@@ -27,7 +27,7 @@ from capsjax.ops import reduction_dtype
 from capsjax.precision import row_major_transpose
 
 _GATHER_MIN_CHANNELS = 16  # below this a pixel is too short for a gather to beat slicing
-_ROW_LOOP_MIN_CHANNELS = 16  # below this a row of patches is too narrow for an efficient product
+_ROW_LOOP_MIN_CHANNELS = 16  # below this a tap's slice is too narrow for an efficient product
 
 
 def _sliced_patches(x: jax.Array, kernel_size: tuple[int, int], stride: int) -> jax.Array:
