@@ -103,6 +103,8 @@ def summarize(folder: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "name": folder.name,
         "dataset": config["dataset"],
+        "trained_on": _trained_on(config),
+        "model": _model_label(config.get("model", {})),
         "epochs_done": len(epochs),
         "epochs_planned": config["epochs"],
         "wall_time_s": sum(r["epoch_time_s"] for r in epochs),
@@ -151,9 +153,9 @@ def _duration(seconds: float | None) -> str:
 def table(results_dir: str | Path = "results") -> str:
     """The README's results table (Markdown), one row per folder of ``results_dir`` that has a ``config.json``."""
     rows = [
-        "| run | dataset | epochs | test accuracy (best-validation checkpoint) | best validation | last test "
+        "| run | model | trained on | epochs | test accuracy (best-validation checkpoint) | best validation | last test "
         f"| wall time | to {100 * TARGET_ACCURACY:g}% test | machine | command |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     folders = sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists())
     for folder in folders:
@@ -166,7 +168,7 @@ def table(results_dir: str | Path = "results") -> str:
         if s["best_validation_accuracy"] is not None:
             best += f" (epoch {s['best_epoch']})"
         rows.append(
-            f"| [{s['name']}](results/{s['name']}) | {s['dataset']} | {epochs} | {best} "
+            f"| [{s['name']}](results/{s['name']}) | {s['model']} | {s['trained_on']} | {epochs} | {best} "
             f"| {_percent(s['best_validation_accuracy'])} | {_percent(s['last_test_accuracy'])} "
             f"| {at_least}{_duration(s['wall_time_s'])} "
             f"| {at_least if s['seconds_to_target'] is not None else ''}{_duration(s['seconds_to_target'])} "
@@ -206,12 +208,38 @@ def _model_name(model: dict[str, Any]) -> tuple[str, bool]:
     """A run's model in words, and whether it is the paper's configuration of it (which its figures are for)."""
     arch = model.get("arch", "capsnet")
     if arch == "cnn":
-        return "baseline CNN", True
+        from capsjax.config import ModelConfig
+
+        paper = ModelConfig()
+        sizes = {f: tuple(model.get(f, getattr(paper, f))) for f in ("cnn_channels", "cnn_hidden")}
+        kernel = model.get("cnn_kernel", paper.cnn_kernel)
+        if sizes == {f: getattr(paper, f) for f in sizes} and kernel == paper.cnn_kernel:
+            return "baseline CNN", True
+        channels, hidden = ("-".join(map(str, sizes[f])) for f in ("cnn_channels", "cnn_hidden"))
+        return f"CNN ({channels} channels, {kernel}×{kernel}; {hidden} hidden)", False
     if arch != "capsnet":
         return arch.replace("_", "-").replace("efficient-capsnet", "Efficient-CapsNet"), False
     routing, iterations = model.get("routing", "dynamic"), model.get("routing_iterations", 3)
     paper = routing == "dynamic" and iterations == 3 and model.get("use_decoder", True)
     return f"CapsNet ({routing} routing, {iterations} iterations)", paper
+
+
+def _model_label(model: dict[str, Any]) -> str:
+    """A run's model in a few words for the results table: "CapsNet", "baseline CNN", "Efficient-CapsNet", and the
+    routing algorithm and iterations of a CapsNet that is not the paper's (3 iterations of dynamic routing)."""
+    name, is_paper = _model_name(model)
+    if model.get("arch", "capsnet") != "capsnet":
+        return name
+    if is_paper:
+        return "CapsNet"
+    label = f"CapsNet ({model.get('routing', 'dynamic')}, {model.get('routing_iterations', 3)} iterations"
+    return label + (", no decoder)" if not model.get("use_decoder", True) else ")")
+
+
+def _trained_on(config: dict[str, Any]) -> str:
+    """The training set: the dataset, or "expanded MNIST (40×40)" for digits placed on a larger canvas."""
+    canvas = config.get("canvas_size")
+    return f"expanded MNIST ({canvas}×{canvas})" if canvas else config["dataset"]
 
 
 def paper_table(results_dir: str | Path = "results") -> str:

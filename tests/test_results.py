@@ -189,6 +189,9 @@ def test_the_paper_table_puts_each_test_evaluation_beside_the_papers_figure(tmp_
                      "eval_affine_mnist_test.json": {"split": "test", "accuracy": 0.7, "dataset": "affine_mnist",
                                                      "data_sha256": "0123456789abcdef"},
                      "eval_validation.json": {"split": "validation", "accuracy": 0.5}})  # fmt: skip
+    small = dataclasses.replace(cnn.model, cnn_channels=(64, 64, 32), cnn_hidden=(256, 192))
+    run("cnn_small", dataclasses.replace(cnn, model=small),
+        {"eval_test.json": {"split": "test", "accuracy": 0.98, "dataset": "mnist"}})
     em = get_config("default")
     run("em", dataclasses.replace(em, model=dataclasses.replace(em.model, routing="em")),
         {"eval_test.json": {"split": "test", "accuracy": 0.98, "dataset": "mnist"}})
@@ -198,6 +201,8 @@ def test_the_paper_table_puts_each_test_evaluation_beside_the_papers_figure(tmp_
         "| affine_mnist (capsjax's approximation of affNIST) | 01234567 | 70.00% | 30.00% | affNIST: 66% |",
         "| [cnn](results/cnn/eval_test.json) | baseline CNN | expanded MNIST, 1 of 2 epochs "
         "| expanded MNIST test (40×40, fixed offsets) | – | 99.00% | 1.00% | 99.22% |",
+        "| [cnn_small](results/cnn_small/eval_test.json) | CNN (64-64-32 channels, 5×5; 256-192 hidden) "
+        "| expanded MNIST, 1 of 2 epochs | expanded MNIST test (40×40, fixed offsets) | – | 98.00% | 2.00% | – |",
         "| [em](results/em/eval_test.json) | CapsNet (em routing, 3 iterations) | mnist, 1 of 50 epochs "
         "| MNIST test | – | 98.00% | 2.00% | – |",  # not the paper's model: no figure beside it
         "| [multi](results/multi/eval_test.json) | CapsNet (dynamic routing, 3 iterations) | multimnist, 1 of 1 epoch "
@@ -220,3 +225,24 @@ def test_the_machine_names_the_cpu_and_its_bfloat16_arithmetic(monkeypatch, flag
     monkeypatch.setattr(results, "cpu_model", lambda: "Some CPU")
     monkeypatch.setattr(results.os, "cpu_count", lambda: 2)
     assert results.machine() == f"Some CPU, 2 cores, {described}"
+
+
+def test_the_table_names_each_runs_model_and_training_set(tmp_path):
+    import dataclasses
+
+    from capsjax.config import ModelConfig
+
+    cases = {
+        "paper": (get_config("default"), "| CapsNet | mnist |"),
+        "efficient": (get_config("efficient_capsnet"), "| Efficient-CapsNet | mnist |"),
+        "em": (dataclasses.replace(get_config("quick"), model=ModelConfig(routing="em", routing_iterations=2)),
+               "| CapsNet (em, 2 iterations) | mnist |"),
+        "expanded": (dataclasses.replace(get_config("expanded_mnist"), model=dataclasses.replace(
+            get_config("expanded_mnist").model, arch="cnn")), "| baseline CNN | expanded MNIST (40×40) |"),
+    }  # fmt: skip
+    for name, (config, _) in cases.items():
+        write_run(tmp_path / name, [0.99], [0.99], [60.0])
+        save_config(config, tmp_path / name / "config.json")
+    rows = {row.split("]")[0][3:]: row for row in results.table(tmp_path).splitlines()[2:]}
+    for name, (_, expected) in cases.items():
+        assert expected in rows[name], rows[name]
