@@ -104,7 +104,7 @@ def summarize(folder: Path) -> dict[str, Any]:
         "name": folder.name,
         "dataset": config["dataset"],
         "trained_on": _trained_on(config),
-        "model": _model_label(config.get("model", {})),
+        "model": _model_name(config.get("model", {}))[0],
         "epochs_done": len(epochs),
         "epochs_planned": config["epochs"],
         "wall_time_s": sum(r["epoch_time_s"] for r in epochs),
@@ -220,20 +220,9 @@ def _model_name(model: dict[str, Any]) -> tuple[str, bool]:
     if arch != "capsnet":
         return arch.replace("_", "-").replace("efficient-capsnet", "Efficient-CapsNet"), False
     routing, iterations = model.get("routing", "dynamic"), model.get("routing_iterations", 3)
-    paper = routing == "dynamic" and iterations == 3 and model.get("use_decoder", True)
-    return f"CapsNet ({routing} routing, {iterations} iterations)", paper
-
-
-def _model_label(model: dict[str, Any]) -> str:
-    """A run's model in a few words for the results table: "CapsNet", "baseline CNN", "Efficient-CapsNet", and the
-    routing algorithm and iterations of a CapsNet that is not the paper's (3 iterations of dynamic routing)."""
-    name, is_paper = _model_name(model)
-    if model.get("arch", "capsnet") != "capsnet":
-        return name
-    if is_paper:
-        return "CapsNet"
-    label = f"CapsNet ({model.get('routing', 'dynamic')}, {model.get('routing_iterations', 3)} iterations"
-    return label + (", no decoder)" if not model.get("use_decoder", True) else ")")
+    decoder = model.get("use_decoder", True)
+    name = f"CapsNet ({routing} routing, {iterations} iterations" + (")" if decoder else ", no decoder)")
+    return name, routing == "dynamic" and iterations == 3 and decoder
 
 
 def _trained_on(config: dict[str, Any]) -> str:
@@ -256,7 +245,7 @@ def paper_table(results_dir: str | Path = "results") -> str:
         model, is_paper = _model_name(config.get("model", {}))
         s = summarize(folder)
         canvas = config.get("canvas_size")
-        trained = ("expanded MNIST" if canvas else config["dataset"]) + f", {s['epochs_done']} of {s['epochs_planned']}"
+        trained = f"{_trained_on(config)}, {s['epochs_done']} of {s['epochs_planned']}"
         trained += " epochs" if s["epochs_planned"] != 1 else " epoch"
         for path in sorted(folder.glob("eval_*.json")):
             e = json.loads(path.read_text())
