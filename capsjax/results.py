@@ -225,10 +225,16 @@ def _model_name(model: dict[str, Any]) -> tuple[str, bool]:
     return name, routing == "dynamic" and iterations == 3 and decoder
 
 
+DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "multimnist": "MultiMNIST", "kmnist": "KMNIST",
+                 "cifar10": "CIFAR-10"}  # fmt: skip
+
+
 def _trained_on(config: dict[str, Any]) -> str:
-    """The training set: the dataset, or "expanded MNIST (40×40)" for digits placed on a larger canvas."""
+    """The training set in words: "MNIST", "Fashion-MNIST", ..., or "expanded MNIST (40×40)" for digits placed on a
+    larger canvas."""
     canvas = config.get("canvas_size")
-    return f"expanded MNIST ({canvas}×{canvas})" if canvas else config["dataset"]
+    name = DATASET_NAMES.get(config["dataset"], config["dataset"])
+    return f"expanded {name} ({canvas}×{canvas})" if canvas else name
 
 
 def paper_table(results_dir: str | Path = "results") -> str:

@@ -205,12 +205,12 @@ def test_the_paper_table_puts_each_test_evaluation_beside_the_papers_figure(tmp_
         "| expanded MNIST test (40×40, fixed offsets) | – | 99.00% | 1.00% | 99.22% |",
         "| [cnn_small](results/cnn_small/eval_test.json) | CNN (64-64-32 channels, 5×5; 256-192 hidden) "
         "| expanded MNIST (40×40), 1 of 2 epochs | expanded MNIST test (40×40, fixed offsets) | – | 98.00% | 2.00% | – |",
-        "| [em](results/em/eval_test.json) | CapsNet (em routing, 3 iterations) | mnist, 1 of 50 epochs "
+        "| [em](results/em/eval_test.json) | CapsNet (em routing, 3 iterations) | MNIST, 1 of 50 epochs "
         "| MNIST test | – | 98.00% | 2.00% | – |",  # not the paper's model: no figure beside it
-        "| [multi](results/multi/eval_test.json) | CapsNet (dynamic routing, 3 iterations) | multimnist, 1 of 1 epoch "
+        "| [multi](results/multi/eval_test.json) | CapsNet (dynamic routing, 3 iterations) | MultiMNIST, 1 of 1 epoch "
         "| MultiMNIST test pairs (10,000) | – | 60.00% exact-set (97.00% almost) | 40.00% | 5.2% error |",
         "| [plain](results/plain/eval_test.json) | CapsNet (dynamic routing, 3 iterations, no decoder) "
-        "| mnist, 1 of 50 epochs | MNIST test | – | 99.00% | 1.00% | – |",
+        "| MNIST, 1 of 50 epochs | MNIST test | – | 99.00% | 1.00% | – |",
     ]
     readme = tmp_path / "README.md"
     readme.write_text(f"{results.BEGIN}\n{results.END}\n{results.PAPER_BEGIN}\nold\n{results.PAPER_END}\n")
@@ -237,12 +237,12 @@ def test_the_table_names_each_runs_model_and_training_set(tmp_path):
     from capsjax.config import ModelConfig
 
     cases = {
-        "paper": (get_config("default"), "| CapsNet (dynamic routing, 3 iterations) | mnist |"),
-        "efficient": (get_config("efficient_capsnet"), "| Efficient-CapsNet | mnist |"),
+        "paper": (get_config("default"), "| CapsNet (dynamic routing, 3 iterations) | MNIST |"),
+        "efficient": (get_config("efficient_capsnet"), "| Efficient-CapsNet | MNIST |"),
         "em": (dataclasses.replace(get_config("quick"), model=ModelConfig(routing="em", routing_iterations=2)),
-               "| CapsNet (em routing, 2 iterations) | mnist |"),
+               "| CapsNet (em routing, 2 iterations) | MNIST |"),
         "no_decoder": (dataclasses.replace(get_config("quick"), model=ModelConfig(use_decoder=False)),
-                       "| CapsNet (dynamic routing, 3 iterations, no decoder) | mnist |"),
+                       "| CapsNet (dynamic routing, 3 iterations, no decoder) | MNIST |"),
         "expanded": (dataclasses.replace(get_config("expanded_mnist"), model=dataclasses.replace(
             get_config("expanded_mnist").model, arch="cnn")), "| baseline CNN | expanded MNIST (40×40) |"),
     }  # fmt: skip
