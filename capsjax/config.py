@@ -264,6 +264,10 @@ class TrainConfig:
     progress: bool = True  # progress bar on a terminal; plain log lines every log_every_steps otherwise
     tensorboard: bool = True  # TensorBoard event files in <workdir>/tensorboard (scalars, reconstructions)
     test_every_epoch: bool = True  # also log test accuracy each epoch (model selection still uses validation only)
+    # other test sets scored at every epoch's end, each logged as its own split in metrics.jsonl (e.g. affine_mnist
+    # for a run on expanded MNIST: robustness against the run's own test accuracy, epoch by epoch); read from the
+    # run's data_dir when built from its dataset's files, else from the dataset's default places
+    also_test_on: tuple[str, ...] = ()
     multimnist: MultiMNISTConfig = MultiMNISTConfig()
 
     def __post_init__(self):
@@ -297,6 +301,12 @@ class TrainConfig:
             raise ConfigError(
                 "multimnist pairs carry their own shifts (multimnist.shift): set max_shift=0, canvas_size=0, "
                 "horizontal_flip=false and augmentation=shift"
+            )
+        reserved = {"train", "validation", "test", self.dataset}
+        if reserved & set(self.also_test_on) or len(set(self.also_test_on)) < len(self.also_test_on):
+            raise ConfigError(
+                f"also_test_on={','.join(self.also_test_on)}: name other datasets than the run's own "
+                f"({self.dataset}), each once"
             )
         if pairs != (self.model.num_targets == 2):
             raise ConfigError(

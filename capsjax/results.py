@@ -10,6 +10,8 @@ work directory (outside the repository); a reference run's final weights may sit
         --command "python train.py --preset default --data-dir ../shared/data/mnist --workdir ~/capsjax-runs/mnist-default"
     python -m capsjax.results table --write README.md     # regenerate the tables between the README's markers
     python -m capsjax.results replay results/mnist-default --data-dir ../shared/data/mnist --steps 100
+    python -m capsjax.results robustness results/expanded_capsnet-8ep results/expanded_cnn_matched-8ep \\
+        --out results/robustness.png                      # accuracy on affine_mnist against the own test accuracy
 
 Every figure of the tables (the results table and the table against the paper) is computed here from those files:
 nothing in them is typed by hand.
@@ -273,6 +275,59 @@ def paper_table(results_dir: str | Path = "results") -> str:
     return "\n".join(rows)
 
 
+ROBUST_BEGIN = "<!-- robustness table: begin (python -m capsjax.results table --write README.md) -->"
+ROBUST_END = "<!-- robustness table: end -->"
+OWN_SPLITS = ("train", "validation", "test")
+
+
+def robustness(folder: Path) -> dict[str, list[tuple[int, float | None, float]]]:
+    """A run's scores on the test sets of ``also_test_on`` (logged at every epoch's end), by set: ``(epoch, the run's
+    own test accuracy at that epoch or None, the other set's accuracy)``, in epoch order (a step logged twice, by a
+    resumed run, keeps its last record)."""
+    records = read_metrics(Path(folder) / "metrics.jsonl")
+    own = {r["step"]: r["accuracy"] for r in records if r.get("split") == "test" and not r.get("final")}
+    series: dict[str, dict[int, tuple[int, float | None, float]]] = {}
+    for r in records:
+        if r.get("split") in OWN_SPLITS or "accuracy" not in r:
+            continue
+        series.setdefault(r["split"], {})[r["step"]] = (int(r["epoch"]), own.get(r["step"]), r["accuracy"])
+    return {name: [by_step[s] for s in sorted(by_step)] for name, by_step in series.items()}
+
+
+def robustness_table(results_dir: str | Path = "results") -> str:
+    """The README's robustness table (Markdown): for each run of ``results_dir`` that scored other test sets at every
+    epoch (``also_test_on``), one row per epoch with its own test accuracy and each other set's, so that models can
+    be compared where their own test accuracies are close (as the paper compares CapsNet and its CNN on affNIST)."""
+    rows = ["| run | model | trained on | epoch | own test accuracy | scored on | accuracy |", "|---|---|---|---|---|---|---|"]
+    for folder in sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists()):
+        config = json.loads((folder / "config.json").read_text())
+        model = _model_name(config.get("model", {}))[0]
+        for name, points in robustness(folder).items():
+            for epoch, own, other in points:
+                rows.append(
+                    f"| [{folder.name}](results/{folder.name}) | {model} | {_trained_on(config)} | {epoch} "
+                    f"| {_percent(own)} | {SCORED_ON.get(name, name)} | {_percent(other)} |"
+                )
+    return "\n".join(rows)
+
+
+def robustness_figure(folders: list[str | Path], path: str | Path) -> Path:
+    """Each run's accuracy on its other test sets against its own test accuracy, epoch by epoch (one line per run
+    and set, the epochs numbered along it): where two models' own accuracies are equal, the higher line is the more
+    robust model."""
+    from capsjax.viz import plot_robustness
+
+    lines = {}
+    for folder in map(Path, folders):
+        for name, points in robustness(folder).items():
+            points = [p for p in points if p[1] is not None]
+            if points:
+                lines[f"{folder.name}: {SCORED_ON.get(name, name)}"] = points
+    if not lines:
+        raise ValueError("no run among the folders scored another test set at its epochs' ends (also_test_on)")
+    return plot_robustness(lines, path)
+
+
 def replace_between_markers(path: str | Path, begin: str, end: str, text: str, check: bool = False) -> bool:
     """Replaces what lies between the lines ``begin`` and ``end`` of the file ``path`` with ``text``; with ``check``,
     only says whether it is there already. Returns True if the file holds (or now holds) ``text`` there; raises
@@ -292,11 +347,13 @@ def replace_between_markers(path: str | Path, begin: str, end: str, text: str, c
 
 def write_table(readme: str | Path, results_dir: str | Path = "results", check: bool = False) -> bool:
     """Replaces the text between the README's results-table markers with :func:`table`, and between its paper-table
-    markers, if it has them, with :func:`paper_table`; with ``check``, only says whether they are current. Returns
+    and robustness-table markers, if it has them, with :func:`paper_table` and :func:`robustness_table`; with ``check``, only says whether they are current. Returns
     True if the README holds (or now holds) the current tables; raises ValueError without the results-table markers."""
     current = replace_between_markers(readme, BEGIN, END, table(results_dir), check=check)
     if PAPER_BEGIN in Path(readme).read_text():
         current &= replace_between_markers(readme, PAPER_BEGIN, PAPER_END, paper_table(results_dir), check=check)
+    if ROBUST_BEGIN in Path(readme).read_text():
+        current &= replace_between_markers(readme, ROBUST_BEGIN, ROBUST_END, robustness_table(results_dir), check=check)
     return current
 
 
@@ -435,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", default="results")
     p.add_argument("--write", metavar="README", default=None)
     p.add_argument("--check", metavar="README", default=None, help="exit 1 if README's table is not current")
+    p = sub.add_parser("robustness", help="plot runs' accuracy on their other test sets against their own, by epoch")
+    p.add_argument("folders", nargs="+", metavar="FOLDER")
+    p.add_argument("--out", required=True, metavar="PNG")
     p = sub.add_parser("replay", help="retrain a recorded run's first steps and compare the logged losses")
     p.add_argument("folder")
     p.add_argument("--steps", type=int, default=100)
@@ -453,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
                 write_table(args.write, args.results_dir)
             else:
                 print(table(args.results_dir) + "\n\n" + paper_table(args.results_dir))
+        elif args.command == "robustness":
+            print(f"wrote {robustness_figure(args.folders, args.out)}")
         else:
             out = replay(args.folder, args.steps, args.data_dir)
             print(json.dumps({**out, "steps": [out["steps"][0], out["steps"][-1], len(out["steps"])]}))

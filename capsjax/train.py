@@ -26,7 +26,7 @@ from capsjax import data as datalib
 from capsjax import distributed
 from capsjax.checkpoint import Checkpoints
 from capsjax.config import ConfigError, TrainConfig, to_dict
-from capsjax.data import Datasets, adapt_model_to_data, load_datasets
+from capsjax.data import Datasets, adapt_model_to_data, load_also_test, load_datasets
 from capsjax.evaluate import StopRequested, evaluate_arrays, predict_arrays
 from capsjax.files import write_atomic
 from capsjax.reporting import Console, TensorBoard, Window
@@ -90,6 +90,7 @@ def train_and_evaluate(
         )
     datasets = load_datasets(config)  # 2. data
     config = adapt_model_to_data(config, datasets)
+    datasets.also_test = load_also_test(config)
     steps_per_epoch = len(datasets.train[0]) // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(datasets.train[0])} training examples")
@@ -272,7 +273,8 @@ def _without_tables(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _end_epoch(run: _Run, steps: Steps) -> None:
-    """Validates the epoch that just ended (and tests, with ``test_every_epoch``), then saves with the metrics."""
+    """Validates the epoch that just ended (and tests, with ``test_every_epoch``, and scores the ``also_test_on``
+    sets), then saves with the metrics."""
     _report(run)
     train_time = time.perf_counter() - run.epoch_started
     # the steps of this epoch that this process trained and timed: fewer after a resume inside the epoch, none when
@@ -285,11 +287,12 @@ def _end_epoch(run: _Run, steps: Steps) -> None:
         test = None
         if config.test_every_epoch and name != "test":
             test = _evaluate(run, steps, run.datasets.test, stop)
+        also = {other: _evaluate(run, steps, split, stop) for other, split in run.datasets.also_test.items()}
     except StopRequested:
         _save(run)  # without metrics: the resumed run validates this epoch first
         raise Preempted(_stopped(run)) from None
     epoch_time = time.perf_counter() - run.epoch_started
-    for split, metrics in ((name, validation), ("test", test)):
+    for split, metrics in ((name, validation), ("test", test), *also.items()):
         if metrics is not None:
             record = {"step": run.step, "epoch": epoch, "split": split, **_without_tables(metrics)}
             if split == name:  # wall time of the epoch: training, then its validation (and test)
@@ -302,6 +305,7 @@ def _end_epoch(run: _Run, steps: Steps) -> None:
     run.console.write(
         f"epoch {epoch}/{config.epochs}: {name} accuracy {100 * validation['accuracy']:.2f}% "
         f"(loss {validation['loss']:.4f})" + (f", test {100 * test['accuracy']:.2f}%" if test else "")
+        + "".join(f", {other} {100 * metrics['accuracy']:.2f}%" for other, metrics in also.items())
         + f", {epoch_time:.0f} s" + (" (new best)" if best == run.step else "")
     )
 

@@ -232,6 +232,26 @@ def plot_training_curves(metrics_path: str | Path, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_robustness(lines: dict[str, Sequence[tuple[int, float, float]]], path: str | Path) -> Path:
+    """One line per entry of ``lines``: its ``(epoch, own test accuracy, other set's accuracy)`` points in percent,
+    the own accuracy across and the other set's up, each point labelled with its epoch."""
+    fig = _figure(6.4, 4.6)
+    ax = fig.subplots()
+    for label, points in lines.items():
+        epochs, own, other = zip(*points)
+        x, y = 100.0 * np.asarray(own), 100.0 * np.asarray(other)
+        (line,) = ax.plot(x, y, marker="o", label=label)
+        for epoch, xi, yi in zip(epochs, x, y):
+            ax.annotate(str(epoch), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=line.get_color())  # fmt: skip
+    ax.set_xlabel("own test accuracy (%)")
+    ax.set_ylabel("accuracy on the other test set (%)")
+    ax.set_title("robustness by epoch (numbers: epochs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_confusion_matrix(confusion: Any, path: str | Path, class_names: Sequence[str] | None = None) -> Path:
     """The confusion matrix [K, K] of counts (rows: true class, columns: predicted class) as a heat map, each cell
     annotated with its count and each row's recall in the row label."""

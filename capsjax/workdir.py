@@ -40,6 +40,7 @@ RESUMABLE_CHANGES = frozenset(
         "safe_checkpoint_margin",
         "progress",
         "test_every_epoch",
+        "also_test_on",
         "tensorboard",
         "multimnist.test_pairs",
     }

@@ -259,8 +259,11 @@ def test_cli_expanded_mnist_cnn_then_affine_mnist(tmp_path, mnist_dir, optimized
     tiny = ["--set", "model.cnn_channels=4,4", "--set", "model.cnn_hidden=16", "--set", "test_every_epoch=false"]
     result = run("train.py", "--preset", "expanded_mnist", "--arch", "cnn", *tiny, "--data-dir", str(mnist_dir),
                  "--train-examples", "256", "--validation-examples", "100", "--epochs", "1", "--batch-size", "32",
-                 "--workdir", str(work), "--quiet")  # fmt: skip
+                 "--set", "also_test_on=affine_mnist", "--workdir", str(work), "--quiet")  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert "affine_mnist" in result.stdout  # the epoch's line names the extra test set's accuracy
+    logged = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    (epoch_end,) = [r for r in logged if r.get("split") == "affine_mnist"]
     config = json.loads((work / "config.json").read_text())
     assert config["model"]["arch"] == "cnn" and config["model"]["image_shape"] == [40, 40, 1]
     assert config["canvas_size"] == 40
@@ -273,6 +276,8 @@ def test_cli_expanded_mnist_cnn_then_affine_mnist(tmp_path, mnist_dir, optimized
     metrics = json.loads((work / "eval_affine_mnist_test.json").read_text())
     assert metrics["dataset"] == "affine_mnist" and "approximation of affNIST" in metrics["note"]
     assert metrics["count"] == 10000 and "cross_entropy" in metrics
+    # the epoch's own score of affine_mnist (also_test_on) is eval.py's score of the same checkpoint
+    assert metrics["step"] == epoch_end["step"] and metrics["accuracy"] == epoch_end["accuracy"]
     from capsjax.config import load_config
 
     images, labels = datalib.load_eval_split(load_config(work / "config.json"), "test", mnist_dir, "affine_mnist")
@@ -281,6 +286,20 @@ def test_cli_expanded_mnist_cnn_then_affine_mnist(tmp_path, mnist_dir, optimized
         assert (work / name).stat().st_size > 1000, name
     result = run("eval.py", "--workdir", str(work), "--dataset", "affnist", "--data-dir", str(tmp_path))
     assert result.returncode == 2 and "none of test.mat" in result.stderr
+
+
+def test_also_test_on_names_other_test_sets_and_may_change_on_resume(tmp_path):
+    from capsjax.config import replace_path
+    from capsjax.workdir import refused_changes
+
+    config = get_config("expanded_mnist")
+    extra = replace_path(config, "also_test_on", "affine_mnist")
+    assert extra.also_test_on == ("affine_mnist",)
+    assert replace_path(config, "also_test_on", "affine_mnist,affnist").also_test_on == ("affine_mnist", "affnist")
+    for bad in ("mnist", "test", "affine_mnist,affine_mnist"):  # the run's own set, a split's name, twice
+        with pytest.raises(ConfigError, match="name other datasets than the run's own"):
+            replace_path(config, "also_test_on", bad)
+    assert not refused_changes(config, extra)  # scoring more sets changes no step: a resumed run may add them
 
 
 def test_random_flip_mirrors_a_random_half_and_composes_with_the_shifts():

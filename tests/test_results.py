@@ -252,3 +252,30 @@ def test_the_table_names_each_runs_model_and_training_set(tmp_path):
     rows = {row.split("]")[0][3:]: row for row in results.table(tmp_path).splitlines()[2:]}
     for name, (_, expected) in cases.items():
         assert expected in rows[name], rows[name]
+
+
+def test_the_robustness_table_lists_each_epochs_own_and_other_test_accuracy(tmp_path):
+    import dataclasses
+
+    expanded = get_config("expanded_mnist")
+    folder = tmp_path / "results" / "caps"
+    write_run(folder, [0.96, 0.98], [0.97, 0.985], [60.0, 60.0], epochs=2)
+    save_config(dataclasses.replace(expanded, epochs=2, also_test_on=("affine_mnist",)), folder / "config.json")
+    lines = (folder / "metrics.jsonl").read_text().splitlines()[:-1]  # without the torn last line
+    extra = [{"step": 10, "epoch": 1, "split": "affine_mnist", "accuracy": 0.70},
+             {"step": 20, "epoch": 2, "split": "affine_mnist", "accuracy": 0.60},
+             {"step": 20, "epoch": 2, "split": "affine_mnist", "accuracy": 0.75}]  # fmt: skip  (resumed: the last)
+    (folder / "metrics.jsonl").write_text("\n".join(lines + [json.dumps(r) for r in extra]) + "\n")
+    write_run(tmp_path / "results" / "plain", [0.99], [0.99], [60.0])  # scored no other set: no rows
+    assert results.robustness(folder) == {"affine_mnist": [(1, 0.96, 0.70), (2, 0.98, 0.75)]}
+    rows = results.robustness_table(tmp_path / "results").splitlines()[2:]
+    approx = "affine_mnist (capsjax's approximation of affNIST)"
+    caps = "| [caps](results/caps) | CapsNet (dynamic routing, 3 iterations) | expanded MNIST (40×40)"
+    assert rows == [f"{caps} | 1 | 96.00% | {approx} | 70.00% |", f"{caps} | 2 | 98.00% | {approx} | 75.00% |"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{results.BEGIN}\n{results.END}\n{results.ROBUST_BEGIN}\nold\n{results.ROBUST_END}\n")
+    results.write_table(readme, tmp_path / "results")
+    assert rows[-1] in readme.read_text() and "old" not in readme.read_text()
+    out = tmp_path / "robustness.png"
+    assert results.main(["robustness", str(folder), "--out", str(out)]) == 0 and out.stat().st_size > 1000
+    assert results.main(["robustness", str(tmp_path / "results" / "plain"), "--out", str(out)]) == 2

@@ -56,6 +56,7 @@ class Datasets:
     validation_name: str  # "validation" (held out of train) or "test"
     pairs: MultiMNISTConfig | None = None
     num_classes: int | None = None  # MultiMNIST: the length of the k-hot labels
+    also_test: dict[str, tuple[np.ndarray, ...]] = dataclasses.field(default_factory=dict)  # load_also_test
 
     def fingerprint(self) -> str:
         """A SHA-256 of the training and validation arrays (values, shapes and order): a resumed run checks that it
@@ -180,6 +181,12 @@ def load_eval_split(
     if labels.size and labels.max() >= config.model.num_classes:
         raise ConfigError(f"{name} has labels up to {labels.max()}, the run's model {config.model.num_classes} classes")
     return images, labels
+
+
+def load_also_test(config: TrainConfig) -> dict[str, tuple[np.ndarray, ...]]:
+    """The test sets of ``config.also_test_on`` (:func:`load_eval_split`), by name, for a config whose model is
+    already adapted to its data (:func:`adapt_model_to_data`)."""
+    return {name: load_eval_split(config, "test", dataset=name) for name in config.also_test_on}
 
 
 def adapt_model_to_data(config: TrainConfig, datasets: Datasets) -> TrainConfig:
