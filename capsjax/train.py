@@ -295,7 +295,7 @@ def _end_epoch(run: _Run, steps: Steps) -> None:
     for split, metrics in ((name, validation), ("test", test), *also.items()):
         if metrics is not None:
             record = {"step": run.step, "epoch": epoch, "split": split, **_without_tables(metrics)}
-            if split == name:  # wall time of the epoch: training, then its validation (and test)
+            if split == name:  # wall time of the epoch: training, then its validation (test, also_test_on sets)
                 record.update(epoch_time_s=epoch_time, train_time_s=train_time, timed_steps=timed_steps)
             run.log.write(record)
             run.tensorboard.record(record)
