@@ -101,7 +101,7 @@ def summarize(folder: Path) -> dict[str, Any]:
     # each epoch's record: its validation, or its test for a run that held out no validation examples
     epochs = [r for r in records if "epoch_time_s" in r and r.get("split") in ("validation", "test")]
     validation = [r for r in epochs if r["split"] == "validation"]
-    tests = {r["step"]: r for r in records if r.get("split") == "test" and not r.get("final")}
+    tests = _epoch_tests(records)
     summary: dict[str, Any] = {
         "name": folder.name,
         "dataset": config["dataset"],
@@ -139,6 +139,11 @@ def summarize(folder: Path) -> dict[str, Any]:
             if summary["seconds_to_target"] is None and accuracy >= TARGET_ACCURACY:
                 summary["seconds_to_target"] = elapsed
     return summary
+
+
+def _epoch_tests(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The test records logged at epochs' ends (not the final test), by step; a step logged twice keeps the last."""
+    return {r["step"]: r for r in records if r.get("split") == "test" and not r.get("final")}
 
 
 def _percent(value: float | None) -> str:
@@ -285,7 +290,7 @@ def robustness(folder: Path) -> dict[str, list[tuple[int, float | None, float]]]
     own test accuracy at that epoch or None, the other set's accuracy)``, in epoch order (a step logged twice, by a
     resumed run, keeps its last record)."""
     records = read_metrics(Path(folder) / "metrics.jsonl")
-    own = {r["step"]: r["accuracy"] for r in records if r.get("split") == "test" and not r.get("final")}
+    own = {step: r["accuracy"] for step, r in _epoch_tests(records).items()}
     series: dict[str, dict[int, tuple[int, float | None, float]]] = {}
     for r in records:
         if r.get("split") in OWN_SPLITS or "accuracy" not in r:
@@ -298,7 +303,10 @@ def robustness_table(results_dir: str | Path = "results") -> str:
     """The README's robustness table (Markdown): for each run of ``results_dir`` that scored other test sets at every
     epoch (``also_test_on``), one row per epoch with its own test accuracy and each other set's, so that models can
     be compared where their own test accuracies are close (as the paper compares CapsNet and its CNN on affNIST)."""
-    rows = ["| run | model | trained on | epoch | own test accuracy | scored on | accuracy |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| run | model | trained on | epoch | own test accuracy | scored on | accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for folder in sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists()):
         config = json.loads((folder / "config.json").read_text())
         model = _model_name(config.get("model", {}))[0]
@@ -347,13 +355,14 @@ def replace_between_markers(path: str | Path, begin: str, end: str, text: str, c
 
 def write_table(readme: str | Path, results_dir: str | Path = "results", check: bool = False) -> bool:
     """Replaces the text between the README's results-table markers with :func:`table`, and between its paper-table
-    and robustness-table markers, if it has them, with :func:`paper_table` and :func:`robustness_table`; with ``check``, only says whether they are current. Returns
-    True if the README holds (or now holds) the current tables; raises ValueError without the results-table markers."""
+    and robustness-table markers, if it has them, with :func:`paper_table` and :func:`robustness_table`; with
+    ``check``, only says whether they are current. Returns True if the README holds (or now holds) the current
+    tables; raises ValueError without the results-table markers."""
     current = replace_between_markers(readme, BEGIN, END, table(results_dir), check=check)
-    if PAPER_BEGIN in Path(readme).read_text():
-        current &= replace_between_markers(readme, PAPER_BEGIN, PAPER_END, paper_table(results_dir), check=check)
-    if ROBUST_BEGIN in Path(readme).read_text():
-        current &= replace_between_markers(readme, ROBUST_BEGIN, ROBUST_END, robustness_table(results_dir), check=check)
+    text = Path(readme).read_text()
+    for begin, end, make in ((PAPER_BEGIN, PAPER_END, paper_table), (ROBUST_BEGIN, ROBUST_END, robustness_table)):
+        if begin in text:
+            current &= replace_between_markers(readme, begin, end, make(results_dir), check=check)
     return current
 
 
