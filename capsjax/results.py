@@ -319,6 +319,53 @@ def robustness_table(results_dir: str | Path = "results") -> str:
     return "\n".join(rows)
 
 
+MATCHED_BEGIN = "<!-- matched-accuracy table: begin (python -m capsjax.results table --write README.md) -->"
+MATCHED_END = "<!-- matched-accuracy table: end -->"
+
+
+def closest_epochs(
+    a: list[tuple[int, float | None, float]], b: list[tuple[int, float | None, float]]
+) -> tuple[tuple[int, float, float], tuple[int, float, float]] | None:
+    """The epochs of two runs' robustness series (:func:`robustness`) whose own test accuracies are closest (the
+    paper compares CapsNet and its CNN on affNIST where their expanded-MNIST accuracies are nearly equal); of equally
+    close pairs, the one with the higher own accuracies. None if either run has no epoch with its own accuracy."""
+    pairs = [(p, q) for p in a if p[1] is not None for q in b if q[1] is not None]
+    if not pairs:
+        return None
+    return min(pairs, key=lambda pq: (round(abs(pq[0][1] - pq[1][1]), 6), -(pq[0][1] + pq[1][1])))
+
+
+def matched_table(results_dir: str | Path = "results") -> str:
+    """The README's table at matched accuracy (Markdown): for each CapsNet run and each CNN run of ``results_dir``
+    trained on the same set and scored on the same other set at every epoch, the epochs where their own test
+    accuracies are closest (:func:`closest_epochs`), with both models' accuracies on the other set and the
+    difference (CapsNet minus CNN, in points)."""
+    rows = [
+        "| trained on | scored on | CapsNet run (epoch) | own test | scored | CNN run (epoch) | own test | scored "
+        "| CapsNet − CNN |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    runs = []
+    for folder in sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists()):
+        config = json.loads((folder / "config.json").read_text())
+        arch = config.get("model", {}).get("arch", "capsnet")
+        if arch in ("capsnet", "cnn"):
+            runs.append((folder.name, arch, _trained_on(config), robustness(folder)))
+    for caps, _, trained, caps_sets in (r for r in runs if r[1] == "capsnet"):
+        for cnn, _, cnn_trained, cnn_sets in (r for r in runs if r[1] == "cnn"):
+            for name in sorted(set(caps_sets) & set(cnn_sets) if trained == cnn_trained else ()):
+                match = closest_epochs(caps_sets[name], cnn_sets[name])
+                if match is None:
+                    continue
+                (i, own_a, other_a), (j, own_b, other_b) = match
+                rows.append(
+                    f"| {trained} | {SCORED_ON.get(name, name)} | [{caps}](results/{caps}) ({i}) | {_percent(own_a)} "
+                    f"| {_percent(other_a)} | [{cnn}](results/{cnn}) ({j}) | {_percent(own_b)} | {_percent(other_b)} "
+                    f"| {100 * (other_a - other_b):+.2f} |"
+                )
+    return "\n".join(rows)
+
+
 def robustness_figure(folders: list[str | Path], path: str | Path) -> Path:
     """Each run's accuracy on its other test sets against its own test accuracy, epoch by epoch (one line per run
     and set, the epochs numbered along it): where two models' own accuracies are equal, the higher line is the more
@@ -354,13 +401,15 @@ def replace_between_markers(path: str | Path, begin: str, end: str, text: str, c
 
 
 def write_table(readme: str | Path, results_dir: str | Path = "results", check: bool = False) -> bool:
-    """Replaces the text between the README's results-table markers with :func:`table`, and between its paper-table
-    and robustness-table markers, if it has them, with :func:`paper_table` and :func:`robustness_table`; with
-    ``check``, only says whether they are current. Returns True if the README holds (or now holds) the current
-    tables; raises ValueError without the results-table markers."""
+    """Replaces the text between the README's results-table markers with :func:`table`, and between its paper-table,
+    robustness-table and matched-table markers, if it has them, with :func:`paper_table`, :func:`robustness_table`
+    and :func:`matched_table`; with ``check``, only says whether they are current. Returns True if the README holds
+    (or now holds) the current tables; raises ValueError without the results-table markers."""
     current = replace_between_markers(readme, BEGIN, END, table(results_dir), check=check)
     text = Path(readme).read_text()
-    for begin, end, make in ((PAPER_BEGIN, PAPER_END, paper_table), (ROBUST_BEGIN, ROBUST_END, robustness_table)):
+    tables = ((PAPER_BEGIN, PAPER_END, paper_table), (ROBUST_BEGIN, ROBUST_END, robustness_table),
+              (MATCHED_BEGIN, MATCHED_END, matched_table))  # fmt: skip
+    for begin, end, make in tables:
         if begin in text:
             current &= replace_between_markers(readme, begin, end, make(results_dir), check=check)
     return current

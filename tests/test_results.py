@@ -279,3 +279,37 @@ def test_the_robustness_table_lists_each_epochs_own_and_other_test_accuracy(tmp_
     out = tmp_path / "robustness.png"
     assert results.main(["robustness", str(folder), "--out", str(out)]) == 0 and out.stat().st_size > 1000
     assert results.main(["robustness", str(tmp_path / "results" / "plain"), "--out", str(out)]) == 2
+
+
+def test_the_matched_table_pairs_the_epochs_whose_own_accuracies_are_closest(tmp_path):
+    import dataclasses
+
+    expanded = dataclasses.replace(get_config("expanded_mnist"), epochs=3, also_test_on=("affine_mnist",))
+    cnn = dataclasses.replace(expanded, model=dataclasses.replace(expanded.model, arch="cnn"))
+
+    def run(name, config, own, other):
+        folder = tmp_path / "results" / name
+        write_run(folder, own, own, [60.0] * len(own), epochs=3)
+        save_config(config, folder / "config.json")
+        extra = [{"step": 10 * e, "epoch": e, "split": "affine_mnist", "accuracy": a} for e, a in enumerate(other, 1)]
+        with open(folder / "metrics.jsonl", "a") as f:  # after the torn line: read_metrics skips only that one
+            f.write("\n" + "".join(json.dumps(r) + "\n" for r in extra))
+
+    run("caps", expanded, [0.96, 0.980, 0.990], [0.70, 0.75, 0.80])
+    run("cnn", cnn, [0.975, 0.985, 0.992], [0.72, 0.74, 0.76])
+    run("plain", get_config("default"), [0.99], [0.5])  # trained on MNIST: paired with nothing
+    assert results.closest_epochs([(1, 0.5, 0.1), (2, None, 0.2)], [(1, None, 0.3)]) is None
+    # |0.990-0.992| = 0.002 is the closest pair; 0.980 against 0.975 and 0.985 (0.005) come after it
+    rows = results.matched_table(tmp_path / "results").splitlines()[2:]
+    assert rows == [
+        "| expanded MNIST (40×40) | affine_mnist (capsjax's approximation of affNIST) | [caps](results/caps) (3) "
+        "| 99.00% | 80.00% | [cnn](results/cnn) (3) | 99.20% | 76.00% | +4.00 |"
+    ]
+    # equally close pairs: the one with the higher own accuracies
+    a, b = [(1, 0.97, 0.1), (2, 0.98, 0.2)], [(1, 0.975, 0.3), (2, 0.99, 0.4)]
+    assert results.closest_epochs(a, b) == ((2, 0.98, 0.2), (1, 0.975, 0.3))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{results.BEGIN}\n{results.END}\n{results.MATCHED_BEGIN}\nold\n{results.MATCHED_END}\n")
+    assert not results.write_table(readme, tmp_path / "results", check=True)
+    results.write_table(readme, tmp_path / "results")
+    assert rows[0] in readme.read_text() and results.write_table(readme, tmp_path / "results", check=True)
