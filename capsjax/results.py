@@ -157,6 +157,12 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
 
 
+def _runs(results_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The run folders of ``results_dir`` (those with a ``config.json``), in name order, each with its config."""
+    folders = sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists())
+    return [(folder, json.loads((folder / "config.json").read_text())) for folder in folders]
+
+
 def table(results_dir: str | Path = "results") -> str:
     """The README's results table (Markdown), one row per folder of ``results_dir`` that has a ``config.json``."""
     rows = [
@@ -164,8 +170,7 @@ def table(results_dir: str | Path = "results") -> str:
         f"| wall time | to {100 * TARGET_ACCURACY:g}% test | machine | command |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    folders = sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists())
-    for folder in folders:
+    for folder, _ in _runs(results_dir):
         s = summarize(folder)
         epochs = f"{s['epochs_done']} of {s['epochs_planned']}"
         if s["status"] and s["status"] != "complete":
@@ -253,8 +258,7 @@ def paper_table(results_dir: str | Path = "results") -> str:
         "| run | model | trained | scored on | examples (SHA-256) | accuracy | error | the paper |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for folder in sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists()):
-        config = json.loads((folder / "config.json").read_text())
+    for folder, config in _runs(results_dir):
         model, is_paper = _model_name(config.get("model", {}))
         s = summarize(folder)
         canvas = config.get("canvas_size")
@@ -307,8 +311,7 @@ def robustness_table(results_dir: str | Path = "results") -> str:
         "| run | model | trained on | epoch | own test accuracy | scored on | accuracy |",
         "|---|---|---|---|---|---|---|",
     ]
-    for folder in sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists()):
-        config = json.loads((folder / "config.json").read_text())
+    for folder, config in _runs(results_dir):
         model = _model_name(config.get("model", {}))[0]
         for name, points in robustness(folder).items():
             for epoch, own, other in points:
@@ -345,15 +348,16 @@ def matched_table(results_dir: str | Path = "results") -> str:
         "| CapsNet − CNN |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    runs = []
-    for folder in sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists()):
-        config = json.loads((folder / "config.json").read_text())
+    runs: dict[str, list[tuple[str, str, dict]]] = {"capsnet": [], "cnn": []}
+    for folder, config in _runs(results_dir):
         arch = config.get("model", {}).get("arch", "capsnet")
-        if arch in ("capsnet", "cnn"):
-            runs.append((folder.name, arch, _trained_on(config), robustness(folder)))
-    for caps, _, trained, caps_sets in (r for r in runs if r[1] == "capsnet"):
-        for cnn, _, cnn_trained, cnn_sets in (r for r in runs if r[1] == "cnn"):
-            for name in sorted(set(caps_sets) & set(cnn_sets) if trained == cnn_trained else ()):
+        if arch in runs:
+            runs[arch].append((folder.name, _trained_on(config), robustness(folder)))
+    for caps, trained, caps_sets in runs["capsnet"]:
+        for cnn, cnn_trained, cnn_sets in runs["cnn"]:
+            if cnn_trained != trained:
+                continue
+            for name in sorted(set(caps_sets) & set(cnn_sets)):
                 match = closest_epochs(caps_sets[name], cnn_sets[name])
                 if match is None:
                     continue
