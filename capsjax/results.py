@@ -338,11 +338,16 @@ def closest_epochs(
     return min(pairs, key=lambda pq: (round(abs(pq[0][1] - pq[1][1]), 6), -(pq[0][1] + pq[1][1])))
 
 
+def _points(difference: float) -> str:
+    """A difference of two accuracies in percentage points, signed, with a true minus sign: ``−0.43 pp``."""
+    return f"{100 * difference:+.2f} pp".replace("-", "\u2212")
+
+
 def matched_table(results_dir: str | Path = "results") -> str:
     """The README's table at matched accuracy (Markdown): for each CapsNet run and each CNN run of ``results_dir``
     trained on the same set and scored on the same other set at every epoch, the epochs where their own test
     accuracies are closest (:func:`closest_epochs`), with both models' accuracies on the other set and the
-    difference (CapsNet minus CNN, in points)."""
+    difference (CapsNet minus CNN, in percentage points)."""
     rows = [
         "| trained on | scored on | CapsNet run (epoch) | own test | scored | CNN run (epoch) | own test | scored "
         "| CapsNet − CNN |",
@@ -365,7 +370,7 @@ def matched_table(results_dir: str | Path = "results") -> str:
                 rows.append(
                     f"| {trained} | {SCORED_ON.get(name, name)} | [{caps}](results/{caps}) ({i}) | {_percent(own_a)} "
                     f"| {_percent(other_a)} | [{cnn}](results/{cnn}) ({j}) | {_percent(own_b)} | {_percent(other_b)} "
-                    f"| {100 * (other_a - other_b):+.2f} |"
+                    f"| {_points(other_a - other_b)} |"
                 )
     return "\n".join(rows)
 

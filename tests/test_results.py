@@ -303,11 +303,12 @@ def test_the_matched_table_pairs_the_epochs_whose_own_accuracies_are_closest(tmp
     rows = results.matched_table(tmp_path / "results").splitlines()[2:]
     assert rows == [
         "| expanded MNIST (40×40) | affine_mnist (capsjax's approximation of affNIST) | [caps](results/caps) (3) "
-        "| 99.00% | 80.00% | [cnn](results/cnn) (3) | 99.20% | 76.00% | +4.00 |"
+        "| 99.00% | 80.00% | [cnn](results/cnn) (3) | 99.20% | 76.00% | +4.00 pp |"
     ]
     # equally close pairs: the one with the higher own accuracies
     a, b = [(1, 0.97, 0.1), (2, 0.98, 0.2)], [(1, 0.975, 0.3), (2, 0.99, 0.4)]
     assert results.closest_epochs(a, b) == ((2, 0.98, 0.2), (1, 0.975, 0.3))
+    assert results._points(0.770 - 0.7743) == "\u22120.43 pp" and results._points(0.0) == "+0.00 pp"
     readme = tmp_path / "README.md"
     readme.write_text(f"{results.BEGIN}\n{results.END}\n{results.MATCHED_BEGIN}\nold\n{results.MATCHED_END}\n")
     assert not results.write_table(readme, tmp_path / "results", check=True)
