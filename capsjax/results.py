@@ -338,6 +338,16 @@ def closest_epochs(
     return min(pairs, key=lambda pq: (round(abs(pq[0][1] - pq[1][1]), 6), -(pq[0][1] + pq[1][1])))
 
 
+def _scored_hash(folder: Path, name: str) -> str | None:
+    """The ``data_sha256`` of a run's final evaluation on the test set ``name`` (``eval_<name>_test.json``), or None
+    where it has none: two runs whose hashes differ were scored on different examples, and their per-epoch
+    accuracies on that set are not comparable."""
+    path = folder / f"eval_{name}_test.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("data_sha256")
+
+
 def _points(difference: float) -> str:
     """A difference of two accuracies in percentage points, signed, with a true minus sign: ``−0.43 pp``."""
     return f"{100 * difference:+.2f} pp".replace("-", "\u2212")
@@ -347,7 +357,8 @@ def matched_table(results_dir: str | Path = "results") -> str:
     """The README's table at matched accuracy (Markdown): for each CapsNet run and each CNN run of ``results_dir``
     trained on the same set and scored on the same other set at every epoch, the epochs where their own test
     accuracies are closest (:func:`closest_epochs`), with both models' accuracies on the other set and the
-    difference (CapsNet minus CNN, in percentage points)."""
+    difference (CapsNet minus CNN, in percentage points; none where the two runs' final evaluations on that set
+    carry different ``data_sha256``, i.e. were scored on different examples)."""
     rows = [
         "| trained on | scored on | CapsNet run (epoch) | own test | scored | CNN run (epoch) | own test | scored "
         "| CapsNet − CNN |",
@@ -367,10 +378,12 @@ def matched_table(results_dir: str | Path = "results") -> str:
                 if match is None:
                     continue
                 (i, own_a, other_a), (j, own_b, other_b) = match
+                hashes = {_scored_hash(Path(results_dir) / run, name) for run in (caps, cnn)} - {None}
+                difference = _points(other_a - other_b) if len(hashes) < 2 else "– (scored on different examples)"
                 rows.append(
                     f"| {trained} | {SCORED_ON.get(name, name)} | [{caps}](results/{caps}) ({i}) | {_percent(own_a)} "
                     f"| {_percent(other_a)} | [{cnn}](results/{cnn}) ({j}) | {_percent(own_b)} | {_percent(other_b)} "
-                    f"| {_points(other_a - other_b)} |"
+                    f"| {difference} |"
                 )
     return "\n".join(rows)
 

@@ -305,6 +305,13 @@ def test_the_matched_table_pairs_the_epochs_whose_own_accuracies_are_closest(tmp
         "| expanded MNIST (40×40) | affine_mnist (capsjax's approximation of affNIST) | [caps](results/caps) (3) "
         "| 99.00% | 80.00% | [cnn](results/cnn) (3) | 99.20% | 76.00% | +4.00 pp |"
     ]
+    # runs whose final evaluations scored different examples get no difference
+    for name, digest in (("caps", "aa"), ("cnn", "bb")):
+        (tmp_path / "results" / name / "eval_affine_mnist_test.json").write_text(json.dumps({"data_sha256": digest}))
+    different = results.matched_table(tmp_path / "results").splitlines()[2]
+    assert different.endswith("| 76.00% | – (scored on different examples) |")
+    (tmp_path / "results" / "cnn" / "eval_affine_mnist_test.json").write_text(json.dumps({"data_sha256": "aa"}))
+    assert results.matched_table(tmp_path / "results").splitlines()[2:] == rows
     # equally close pairs: the one with the higher own accuracies
     a, b = [(1, 0.97, 0.1), (2, 0.98, 0.2)], [(1, 0.975, 0.3), (2, 0.99, 0.4)]
     assert results.closest_epochs(a, b) == ((2, 0.98, 0.2), (1, 0.975, 0.3))
