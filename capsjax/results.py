@@ -364,11 +364,11 @@ def matched_table(results_dir: str | Path = "results") -> str:
         "| CapsNet − CNN |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    runs: dict[str, list[tuple[str, str, dict]]] = {"capsnet": [], "cnn": []}
+    runs: dict[str, list[tuple[Path, str, dict]]] = {"capsnet": [], "cnn": []}
     for folder, config in _runs(results_dir):
         arch = config.get("model", {}).get("arch", "capsnet")
         if arch in runs:
-            runs[arch].append((folder.name, _trained_on(config), robustness(folder)))
+            runs[arch].append((folder, _trained_on(config), robustness(folder)))
     for caps, trained, caps_sets in runs["capsnet"]:
         for cnn, cnn_trained, cnn_sets in runs["cnn"]:
             if cnn_trained != trained:
@@ -378,12 +378,12 @@ def matched_table(results_dir: str | Path = "results") -> str:
                 if match is None:
                     continue
                 (i, own_a, other_a), (j, own_b, other_b) = match
-                hashes = {_scored_hash(Path(results_dir) / run, name) for run in (caps, cnn)} - {None}
+                hashes = {_scored_hash(run, name) for run in (caps, cnn)} - {None}
                 difference = _points(other_a - other_b) if len(hashes) < 2 else "– (scored on different examples)"
                 rows.append(
-                    f"| {trained} | {SCORED_ON.get(name, name)} | [{caps}](results/{caps}) ({i}) | {_percent(own_a)} "
-                    f"| {_percent(other_a)} | [{cnn}](results/{cnn}) ({j}) | {_percent(own_b)} | {_percent(other_b)} "
-                    f"| {difference} |"
+                    f"| {trained} | {SCORED_ON.get(name, name)} | [{caps.name}](results/{caps.name}) ({i}) "
+                    f"| {_percent(own_a)} | {_percent(other_a)} | [{cnn.name}](results/{cnn.name}) ({j}) "
+                    f"| {_percent(own_b)} | {_percent(other_b)} | {difference} |"
                 )
     return "\n".join(rows)
 
