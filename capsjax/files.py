@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: Path | str, text: str) -> None:
@@ -19,3 +21,13 @@ def write_atomic(path: Path | str, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path | str, hint: str = "restore it or delete it", error: type[ValueError] = ValueError) -> Any:
+    """The JSON in ``path``; a file that isn't JSON (edited by hand, or damaged on disk) raises ``error`` (a
+    ``ValueError``) whose one line names the file and ``hint`` (what to do about it), not a bare decoder message."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path} is not valid JSON ({err}); {hint}") from None

@@ -31,11 +31,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from capsjax.files import read_json
+
 COPIED = ("config.json", "metrics.jsonl", "results.json", "diverged.json")
 COPIED_GLOBS = ("eval_*.json", "*.png")
 MAX_FIGURE_BYTES = 400_000  # figures above this stay in the work directory
 BEGIN, END = "<!-- results table: begin (python -m capsjax.results table --write README.md) -->", "<!-- results table: end -->"
 TARGET_ACCURACY = 0.995  # "time to 99.5%" in the table
+_RECOLLECT = "restore it from git, or collect the run again (python -m capsjax.results collect WORKDIR FOLDER)"
 
 
 def cpu_model() -> str:
@@ -95,8 +98,8 @@ def summarize(folder: Path) -> dict[str, Any]:
     misses the steps before the resume), and the wall time until the test accuracy first reached
     :data:`TARGET_ACCURACY` (None if it never did)."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    record = json.loads((folder / "record.json").read_text()) if (folder / "record.json").exists() else {}
+    config = read_json(folder / "config.json", _RECOLLECT)
+    record = read_json(folder / "record.json", _RECOLLECT) if (folder / "record.json").exists() else {}
     records = read_metrics(folder / "metrics.jsonl")
     # each epoch's record: its validation, or its test for a run that held out no validation examples
     epochs = [r for r in records if "epoch_time_s" in r and r.get("split") in ("validation", "test")]
@@ -160,7 +163,7 @@ def _duration(seconds: float | None) -> str:
 def _runs(results_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     """The run folders of ``results_dir`` (those with a ``config.json``), in name order, each with its config."""
     folders = sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists())
-    return [(folder, json.loads((folder / "config.json").read_text())) for folder in folders]
+    return [(folder, read_json(folder / "config.json", _RECOLLECT)) for folder in folders]
 
 
 def table(results_dir: str | Path = "results") -> str:
@@ -265,7 +268,7 @@ def paper_table(results_dir: str | Path = "results") -> str:
         trained = f"{_trained_on(config)}, {s['epochs_done']} of {s['epochs_planned']}"
         trained += " epochs" if s["epochs_planned"] != 1 else " epoch"
         for path in sorted(folder.glob("eval_*.json")):
-            e = json.loads(path.read_text())
+            e = read_json(path, _RECOLLECT)
             if e.get("split") != "test" or "accuracy" not in e:
                 continue
             scored = e.get("dataset", config["dataset"])
@@ -345,12 +348,13 @@ def _scored_hash(folder: Path, name: str) -> str | None:
     path = folder / f"eval_{name}_test.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text()).get("data_sha256")
+    return read_json(path, _RECOLLECT).get("data_sha256")
 
 
 def _points(difference: float) -> str:
     """A difference of two accuracies in percentage points, signed, with a true minus sign: ``−0.43 pp``."""
-    return f"{100 * difference:+.2f} pp".replace("-", "\u2212")
+    points = round(100 * difference, 2) + 0.0  # a difference that rounds to zero from below is "+0.00", not "-0.00"
+    return f"{points:+.2f} pp".replace("-", "\u2212")
 
 
 def matched_table(results_dir: str | Path = "results") -> str:
@@ -480,7 +484,7 @@ def collect(
     for path in sources:
         shutil.copy2(path, dest / path.name)
     record_path = dest / "record.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record = read_json(record_path, _RECOLLECT) if record_path.exists() else {}
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     record.setdefault("first_collected", now)
     record.update(
@@ -523,7 +527,7 @@ def _brief(record: dict[str, Any]) -> str:
 
 def _status(workdir: Path) -> str:
     if (workdir / "diverged.json").exists():
-        step = json.loads((workdir / "diverged.json").read_text()).get("step")
+        step = read_json(workdir / "diverged.json").get("step")
         return f"diverged at step {step}: rerun with a lower learning rate"
     return "complete" if (workdir / "results.json").exists() else "in progress"
 

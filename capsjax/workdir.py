@@ -23,7 +23,7 @@ import jax
 from capsjax import distributed
 from capsjax.checkpoint import Checkpoints
 from capsjax.config import ConfigError, OptimConfig, TrainConfig, from_dict, load_config, save_config, to_dict
-from capsjax.files import write_atomic
+from capsjax.files import read_json, write_atomic
 
 DIVERGED = "diverged.json"  # written when the loss blows up: the bad step and the checkpoint to restart from
 DATA = "data.json"  # the fingerprint of the training and validation data the run started with
@@ -238,8 +238,12 @@ def apply_resume_rules(config: TrainConfig, workdir: Path, data_fingerprint: str
     previous = diverged = recorded_data = None
     if path.exists() and (marker.exists() or _has_checkpoints(workdir)):
         previous = load_config(path)
-        diverged = json.loads(marker.read_text()) if marker.exists() else None
-        recorded_data = json.loads(data_file.read_text()).get("fingerprint") if data_file.exists() else None
+        if marker.exists():
+            hint = "it records where the run diverged: restore it, or start a new run with another --workdir"
+            diverged = read_json(marker, hint, ConfigError)
+        if data_file.exists():
+            hint = "restore it, or delete it to resume without checking the data"
+            recorded_data = read_json(data_file, hint, ConfigError).get("fingerprint")
     # Every process has read the run's state before process 0 changes it (rolls back, rewrites config.json).
     distributed.barrier("resume_state")
     if None not in (recorded_data, data_fingerprint) and recorded_data != data_fingerprint:

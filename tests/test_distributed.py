@@ -261,3 +261,17 @@ def test_a_resume_on_other_training_data_is_refused(tmp_path):
     shuffled = dataclasses.replace(datasets, train=(images[::-1], labels[::-1]))
     with pytest.raises(ConfigError, match="data differ from those the run"):
         workdir_mod.apply_resume_rules(config, tmp_path, shuffled.fingerprint())
+
+
+@pytest.mark.parametrize("damaged", ["data.json", "diverged.json"])
+def test_a_damaged_record_of_the_run_is_an_error_naming_the_file(tmp_path, damaged):
+    # a data.json or diverged.json that isn't JSON stopped train.py with "JSONDecodeError: Expecting value ..." and
+    # no word of which file or what to do
+    from capsjax import workdir as workdir_mod
+    from capsjax.config import ConfigError, get_config, save_config
+
+    save_config(get_config("smoke"), tmp_path / "config.json")
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    (tmp_path / damaged).write_text('{"fingerprint": ')
+    with pytest.raises(ConfigError, match=f"{damaged} is not valid JSON .*; (restore it|it records where)"):
+        workdir_mod.apply_resume_rules(get_config("smoke"), tmp_path, "abc")

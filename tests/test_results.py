@@ -316,8 +316,18 @@ def test_the_matched_table_pairs_the_epochs_whose_own_accuracies_are_closest(tmp
     a, b = [(1, 0.97, 0.1), (2, 0.98, 0.2)], [(1, 0.975, 0.3), (2, 0.99, 0.4)]
     assert results.closest_epochs(a, b) == ((2, 0.98, 0.2), (1, 0.975, 0.3))
     assert results._points(0.770 - 0.7743) == "\u22120.43 pp" and results._points(0.0) == "+0.00 pp"
+    assert results._points(0.9 - 0.90004) == "+0.00 pp"  # rounds to zero from below: no "-0.00"
     readme = tmp_path / "README.md"
     readme.write_text(f"{results.BEGIN}\n{results.END}\n{results.MATCHED_BEGIN}\nold\n{results.MATCHED_END}\n")
     assert not results.write_table(readme, tmp_path / "results", check=True)
     results.write_table(readme, tmp_path / "results")
     assert rows[0] in readme.read_text() and results.write_table(readme, tmp_path / "results", check=True)
+
+
+def test_a_damaged_file_in_results_is_one_line_naming_it(tmp_path, capsys):
+    # a hand-edited or truncated eval JSON in a results folder stopped the table generator with a bare decoder message
+    write_run(tmp_path / "results" / "run", [0.99], [0.99], [10.0], epochs=1)
+    (tmp_path / "results" / "run" / "eval_test.json").write_text('{"accuracy": 0.99')
+    assert results.main(["table", "--results-dir", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "eval_test.json is not valid JSON" in err and "collect the run again" in err
