@@ -223,7 +223,7 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
     from capsjax.checkpoint import CheckpointError
     from capsjax.config import ConfigError
     from capsjax.data import DataError
-    from capsjax.evaluate import evaluate_workdir, format_confusion
+    from capsjax.evaluate import class_names_for, evaluate_workdir, format_confusion
     from capsjax.fast.hostmem import trim_after_compiles
     from capsjax.weights import is_weights_file
 
@@ -264,7 +264,7 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
             f"{metrics['checkpoint']} checkpoint at step {metrics['step']}"
         )
     if "confusion" in metrics:
-        print(format_confusion(metrics["confusion"]))
+        print(format_confusion(metrics["confusion"], class_names_for(metrics)))
     for path in metrics.get("figures", []):
         print(f"wrote {path}")
     return 0

@@ -231,11 +231,21 @@ def format_confusion(confusion: list[list[int]], class_names: list[str] | None =
     k = len(confusion)
     names = class_names or [str(i) for i in range(k)]
     width = max(5, max(len(n) for n in names) + 1, len(str(max(max(r) for r in confusion))) + 1)
-    lines = ["true\\pred".ljust(10) + "".join(n.rjust(width) for n in names) + "   acc%"]
+    label = max(10, max(len(n) for n in names) + 1)
+    lines = ["true\\pred".ljust(label) + "".join(n.rjust(width) for n in names) + "   acc%"]
     for i, row in enumerate(confusion):
         total = max(sum(row), 1)
-        lines.append(names[i].ljust(10) + "".join(str(v).rjust(width) for v in row) + f"{100 * row[i] / total:7.2f}")
+        lines.append(names[i].ljust(label) + "".join(str(v).rjust(width) for v in row) + f"{100 * row[i] / total:7.2f}")
     return "\n".join(lines)
+
+
+def class_names_for(metrics: dict[str, Any]) -> list[str] | None:
+    """The class names of the dataset an evaluation scored (``metrics["dataset"]``, e.g. Fashion-MNIST's words) when
+    they match its confusion matrix, else None (the labels themselves)."""
+    from capsjax.data import class_names
+
+    names = class_names(metrics.get("dataset", ""))
+    return names if len(names) == len(metrics.get("confusion", ())) else None
 
 
 def evaluate_workdir(
@@ -312,7 +322,8 @@ def _transfer_figures(run: Run, images, labels, metrics, name: str, out_dir: Pat
                                       predictions[chosen], out_dir / f"{name}_examples.png", max_images=count,
                                       title=title)]  # fmt: skip
     if "confusion" in metrics:
-        paths.append(viz.plot_confusion_matrix(np.asarray(metrics["confusion"]), out_dir / f"confusion_{name}.png"))
+        confusion = np.asarray(metrics["confusion"])
+        paths.append(viz.plot_confusion_matrix(confusion, out_dir / f"confusion_{name}.png", class_names_for(metrics)))
     return paths
 
 
@@ -336,7 +347,8 @@ def _figures(run: Run, images, labels, metrics, workdir: Path, out_dir: Path) ->
             viz.plot_pose_grid(lambda c: decode(run, c), first, int(predictions[0]), out_dir / "pose_grid.png")
         )
     if "confusion" in metrics:
-        paths.append(viz.plot_confusion_matrix(np.asarray(metrics["confusion"]), out_dir / "confusion.png"))
+        confusion = np.asarray(metrics["confusion"])
+        paths.append(viz.plot_confusion_matrix(confusion, out_dir / "confusion.png", class_names_for(metrics)))
     metrics_file = workdir / "metrics.jsonl"
     if metrics_file.exists() and metrics_file.stat().st_size:
         paths.append(viz.plot_training_curves(metrics_file, out_dir / "training_curves.png"))

@@ -144,3 +144,20 @@ def test_confusion_matrix(tmp_path):
         viz.plot_confusion_matrix(confusion, tmp_path / "bad.png", class_names=["a", "b"])
     with pytest.raises(ValueError, match=r"\[K, K\]"):
         viz.plot_confusion_matrix(np.zeros((2, 3)), tmp_path / "bad.png")
+
+
+def test_confusion_tables_name_the_classes_of_the_dataset_scored():
+    # Fashion-MNIST's confusion matrix was printed and drawn with labels 0-9; its classes are words
+    from capsjax.data import class_names
+    from capsjax.evaluate import class_names_for, format_confusion
+
+    assert class_names("fashion_mnist")[9] == "Ankle boot" and class_names("cifar10")[0] == "airplane"
+    assert class_names("mnist") == [str(i) for i in range(10)] and len(class_names("emnist/balanced")) == 47
+    assert class_names("multimnist") == [str(i) for i in range(10)]  # MNIST's digits, two per image
+    confusion = np.eye(10, dtype=int).tolist()
+    names = class_names_for({"dataset": "fashion_mnist", "confusion": confusion})
+    assert names == class_names("fashion_mnist")
+    assert class_names_for({"dataset": "fashion_mnist", "confusion": [[1, 0], [0, 1]]}) is None  # sizes differ
+    lines = format_confusion(confusion, names).splitlines()
+    assert lines[0].split()[1:3] == ["T-shirt/top", "Trouser"] and lines[10].startswith("Ankle boot ")
+    assert len({len(line) for line in lines}) == 1  # "T-shirt/top" (11 characters) keeps the columns aligned

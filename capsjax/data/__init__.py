@@ -39,7 +39,7 @@ from capsjax.data.errors import DATA_ENV, DataError
 from capsjax.data.formats import read_idx, write_idx
 from capsjax.data.multimnist import multimnist_batches, multimnist_pairs, two_hot
 from capsjax.data.pipeline import batches, local_slice, num_batches, padded_batches, prefetch_to_device
-from capsjax.data.registry import DATASETS, SPLITS, load
+from capsjax.data.registry import DATASETS, SPLITS, class_names, load
 from capsjax.data.splits import (
     Datasets,
     adapt_model_to_data,
@@ -57,6 +57,7 @@ __all__ = [
     "DATASETS",
     "SPLITS",
     "load",
+    "class_names",
     "load_synthetic",
     "Datasets",
     "load_also_test",

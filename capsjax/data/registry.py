@@ -22,13 +22,15 @@ CACHE_DIR = Path("~/.cache/capsjax")
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """What :func:`load` knows about a dataset: its TFDS name, local file format and number of classes."""
+    """What :func:`load` knows about a dataset: its TFDS name, local file format, number of classes and, where they
+    aren't the labels themselves (digits), its class names."""
 
     tfds_name: str
     local_format: str  # "idx", "cifar10_bin", "svhn_mat", "affnist_mat", "affine_mnist" or "synthetic"
     num_classes: int
     idx_prefix: str = ""  # EMNIST's IDX files are named "emnist-<config>-train-images-idx3-ubyte.gz"
     transpose: bool = False  # EMNIST's IDX images are stored transposed
+    class_names: tuple[str, ...] | None = None  # label i is class_names[i] (for confusion matrices and predictions)
 
 
 def _emnist(config: str, num_classes: int) -> DatasetSpec:
@@ -37,7 +39,8 @@ def _emnist(config: str, num_classes: int) -> DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec("mnist", "idx", 10),
-    "fashion_mnist": DatasetSpec("fashion_mnist", "idx", 10),
+    "fashion_mnist": DatasetSpec("fashion_mnist", "idx", 10, class_names=(
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")),
     "kmnist": DatasetSpec("kmnist", "idx", 10),
     "emnist/byclass": _emnist("byclass", 62),
     "emnist/bymerge": _emnist("bymerge", 47),
@@ -45,13 +48,24 @@ DATASETS: dict[str, DatasetSpec] = {
     "emnist/letters": _emnist("letters", 27),  # labels 1..26 (a..z); 0 is unused
     "emnist/digits": _emnist("digits", 10),
     "emnist/mnist": _emnist("mnist", 10),
-    "cifar10": DatasetSpec("cifar10", "cifar10_bin", 10),
+    "cifar10": DatasetSpec("cifar10", "cifar10_bin", 10, class_names=(
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")),
     "svhn_cropped": DatasetSpec("svhn_cropped", "svhn_mat", 10),
     "affnist": DatasetSpec("", "affnist_mat", 10),  # the official .mat files only: TFDS has no affNIST
     "affine_mnist": DatasetSpec("", "affine_mnist", 10),  # generated from MNIST: an approximation of affNIST
     "synthetic": DatasetSpec("", "synthetic", 10),
 }
 """The dataset names :func:`load` accepts."""
+
+
+def class_names(name: str) -> list[str]:
+    """The names of dataset ``name``'s classes, by label: Fashion-MNIST's and CIFAR-10's words, the label itself
+    (``"0"`` ... ``"9"``) for the digit sets and EMNIST, and for a name :data:`DATASETS` doesn't know (e.g. MultiMNIST,
+    whose classes are MNIST's)."""
+    spec = DATASETS.get(name)
+    if spec is not None and spec.class_names is not None:
+        return list(spec.class_names)
+    return [str(i) for i in range(spec.num_classes if spec is not None else 10)]
 
 
 def load(name: str, split: str, data_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
