@@ -15,8 +15,9 @@ from flax import nnx
 from capsjax.checkpoint import CheckpointError, Checkpoints
 from capsjax.config import ConfigError, TrainConfig, load_config
 from capsjax.data.pipeline import padded_batches
-from capsjax.files import write_atomic
+from capsjax.files import read_json, write_atomic
 from capsjax.steps import MAX_IN_FLIGHT, Steps, default_mesh, init_state, make_steps, wait_for_queue
+from capsjax.workdir import DATA
 
 
 def global_batch(sharding, local: np.ndarray) -> jax.Array:
@@ -88,7 +89,9 @@ class Run:
 
     ``config`` is the run's :class:`~capsjax.config.TrainConfig`; ``steps`` its compiled steps on the current devices;
     ``params`` the parameter pytree (replicated over the mesh); ``step`` the training step of the checkpoint;
-    ``which`` "best" or "latest".
+    ``which`` "best" or "latest"; ``scored_sha256`` the hashes of the validation and test sets the run was scored on
+    in training (:meth:`capsjax.data.Datasets.scored_sha256`; empty for a run or weights file from before they were
+    recorded).
     """
 
     config: TrainConfig
@@ -96,6 +99,7 @@ class Run:
     params: Any
     step: int
     which: str
+    scored_sha256: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def model(self):
@@ -145,7 +149,9 @@ def load_run(workdir: str | Path, which: str = "best", log=print) -> Run:
         state = checkpoints.restore(state, step)
     finally:
         checkpoints.close()
-    return Run(config, steps, state.params, int(jax.device_get(state.step)), which)
+    data = workdir / DATA
+    scored = read_json(data, "restore it or delete it").get("scored_sha256", {}) if data.exists() else {}
+    return Run(config, steps, state.params, int(jax.device_get(state.step)), which, scored)
 
 
 def _load_weights(path: str | Path) -> Run:
@@ -157,7 +163,11 @@ def _load_weights(path: str | Path) -> Run:
     params = weights.params_from_arrays(state.params, arrays, str(path))
     params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     steps = make_steps(graphdef, config.optim, config.loss, mesh=mesh, num_targets=config.model.num_targets)
-    return Run(config, steps, params, int(metadata.get("step", 0)), "weights")
+    try:
+        scored = json.loads(metadata.get("scored_sha256", "{}"))
+    except ValueError:
+        raise weights.WeightsError(f"{path}: its scored_sha256 metadata is not JSON; export the weights again") from None
+    return Run(config, steps, params, int(metadata.get("step", 0)), "weights", scored)
 
 
 def _unit_images(images: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
@@ -291,6 +301,13 @@ def evaluate_workdir(
     metrics = evaluate_arrays(run.steps, run.params, images, labels, batch_size, digits=digits[0] if digits else None)
     metrics.update(split=split, checkpoint=run.which, step=run.step, dataset=name)
     metrics["data_sha256"] = datalib.arrays_sha256(images, labels, *digits)  # equal: two runs scored the same examples
+    recorded = run.scored_sha256.get(split) if own else None
+    if recorded is not None and recorded != metrics["data_sha256"]:
+        raise datalib.DataError(
+            f"the {name} {split} examples from {data_dir or config.data_dir or 'the default data folder'} are not "
+            f"those the run was scored on in training: pass the --data-dir it trained with "
+            f"({config.data_dir or 'none: the default folder'}), or --dataset NAME to score another set"
+        )
     if name in DATASET_NOTES:
         metrics["note"] = DATASET_NOTES[name]
     stem = f"eval_{split}" if own else f"eval_{name.replace('/', '_')}_{split}"

@@ -98,7 +98,7 @@ def train_and_evaluate(
     lock = distributed.lock_workdir(WorkdirLock(workdir))  # 3. work directory and state
     try:
         distributed.check_shared(workdir)
-        config = apply_resume_rules(config, workdir, datasets.fingerprint())
+        config = apply_resume_rules(config, workdir, datasets.fingerprint(), datasets.scored_sha256())
         graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
         run = _open_run(config, workdir, datasets, steps_per_epoch, state, should_stop)
         augment = datalib.train_augmentation(

@@ -48,9 +48,18 @@ def _named_leaves(params: Any) -> dict[str, Any]:
 
 
 def save_weights(
-    path: str | Path, params: Any, config: TrainConfig, *, step: int, source: str = "", dtype: str = "float16"
+    path: str | Path,
+    params: Any,
+    config: TrainConfig,
+    *,
+    step: int,
+    source: str = "",
+    dtype: str = "float16",
+    scored_sha256: dict[str, str] | None = None,
 ) -> Path:
-    """Writes ``params`` (a parameter pytree of the model of ``config``) as a weights file; returns its path."""
+    """Writes ``params`` (a parameter pytree of the model of ``config``) as a weights file; returns its path.
+    ``scored_sha256``: the hashes of the sets the run was validated and tested on (``eval.py --weights`` then refuses
+    other data as the run's own)."""
     from safetensors.numpy import save_file
 
     if dtype not in DTYPES:
@@ -70,6 +79,7 @@ def save_weights(
         "config": json.dumps(to_dict(config)),
         "step": str(int(step)),
         "source": source,
+        **({"scored_sha256": json.dumps(scored_sha256)} if scored_sha256 else {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
@@ -126,7 +136,9 @@ def export_workdir(workdir: str | Path, path: str | Path, which: str = "best", d
 
     run = load_run(workdir, which)
     source = f"{run.which} checkpoint (step {run.step}) of {Path(workdir).name}"
-    return save_weights(path, run.params, run.config, step=run.step, source=source, dtype=dtype)
+    return save_weights(
+        path, run.params, run.config, step=run.step, source=source, dtype=dtype, scored_sha256=run.scored_sha256
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

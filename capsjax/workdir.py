@@ -229,9 +229,12 @@ def check_resume(previous: TrainConfig, current: TrainConfig, workdir: Path, all
         )
 
 
-def apply_resume_rules(config: TrainConfig, workdir: Path, data_fingerprint: str | None = None) -> TrainConfig:
+def apply_resume_rules(
+    config: TrainConfig, workdir: Path, data_fingerprint: str | None = None, scored: dict[str, str] | None = None
+) -> TrainConfig:
     """Refuses settings that can't continue the run in ``workdir``, and training data other than the run's (by
-    ``data_fingerprint``, :meth:`capsjax.data.Datasets.fingerprint`, kept in ``data.json``); after a divergence,
+    ``data_fingerprint``, :meth:`capsjax.data.Datasets.fingerprint`, kept in ``data.json`` with the hashes of the
+    validation and test sets, ``scored``, for :func:`capsjax.evaluate.evaluate_workdir`); after a divergence,
     requires new optimizer settings and rolls the run back to the checkpoint from before the blow-up. Writes
     ``config.json``."""
     path, marker, data_file = workdir / "config.json", workdir / DIVERGED, workdir / DATA
@@ -271,7 +274,8 @@ def apply_resume_rules(config: TrainConfig, workdir: Path, data_fingerprint: str
         save_config(config, path)
         marker.unlink(missing_ok=True)
         if data_fingerprint is not None:
-            write_atomic(data_file, json.dumps({"fingerprint": data_fingerprint}) + "\n")
+            record = {"fingerprint": data_fingerprint, **({"scored_sha256": scored} if scored else {})}
+            write_atomic(data_file, json.dumps(record) + "\n")
     return config
 
 

@@ -330,3 +330,23 @@ def test_horizontal_flip_config():
     assert TrainConfig().horizontal_flip is False
     with pytest.raises(ConfigError, match="horizontal_flip=false"):
         replace_path(get_config("multimnist"), "horizontal_flip", "true")
+
+
+@pytest.mark.parametrize("preset", ["expanded_mnist", "multimnist"])
+def test_the_hashes_a_run_records_are_those_eval_computes(preset, mnist_dir):
+    # eval.py refuses data whose hash differs from the one training recorded (data.json): the two must agree for the
+    # sets training builds (placed on a canvas, or MultiMNIST's fixed pairs), or eval would refuse the run's own data
+    import dataclasses
+
+    from capsjax import data as datalib
+    from capsjax.config import get_config
+
+    config = dataclasses.replace(get_config(preset), data_dir=str(mnist_dir))
+    if preset == "multimnist":
+        config = dataclasses.replace(
+            config, multimnist=dataclasses.replace(config.multimnist, test_pairs=300, validation_pairs=200)
+        )
+    datasets = datalib.load_datasets(config)
+    config = datalib.adapt_model_to_data(config, datasets)
+    for split, recorded in datasets.scored_sha256().items():
+        assert recorded == datalib.arrays_sha256(*datalib.load_eval_split(config, split)), split

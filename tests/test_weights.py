@@ -144,3 +144,34 @@ def test_committed_weights_score_the_recorded_test_accuracy(path, mnist_dir, opt
     accuracy = json.loads((tmp_path / "eval_test.json").read_text())["accuracy"]
     recorded = summarize(path.parent)["test_accuracy_at_best"]
     assert abs(accuracy - recorded) <= 0.0005, (accuracy, recorded)
+
+
+def test_eval_refuses_other_data_as_the_runs_own(tmp_path):
+    # eval.py --workdir RUN --data-dir <another dataset's folder> scored those files as the run's test set and wrote
+    # them over its eval_test.json; the run now records the hashes of its validation and test sets (data.json, and the
+    # weights file's metadata) and eval refuses others, for its own dataset
+    from capsjax import data as datalib
+    from capsjax.evaluate import evaluate_workdir
+    from capsjax.train import train_and_evaluate
+
+    rng = np.random.default_rng(0)
+    for name in ("own", "other"):
+        (tmp_path / name).mkdir()
+        for stem, n in (("train", 96), ("t10k", 40)):
+            datalib.write_idx(tmp_path / name / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), np.uint8))
+            datalib.write_idx(tmp_path / name / f"{stem}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, np.uint8))
+    config = dataclasses.replace(
+        CONFIG, dataset="mnist", data_dir=str(tmp_path / "own"), train_examples=None, validation_examples=32, epochs=1,
+        progress=False,
+    )  # fmt: skip
+    workdir = tmp_path / "run"
+    train_and_evaluate(config, workdir)
+    exported = weights.export_workdir(workdir, tmp_path / "params.safetensors")
+    for source in (workdir, exported):
+        for split in ("test", "validation"):
+            with pytest.raises(datalib.DataError, match=f"mnist {split} examples from .*other are not those the run"):
+                evaluate_workdir(source, split=split, data_dir=str(tmp_path / "other"), figures=False, out_dir=tmp_path)
+        assert evaluate_workdir(source, figures=False, out_dir=tmp_path / "ok")["count"] == 40  # its own folder
+    assert not (tmp_path / "eval_test.json").exists()  # nothing written for the refused data
+    # another dataset (--dataset) is scored as such, with no check against the run's own
+    assert evaluate_workdir(workdir, dataset="mnist", data_dir=str(tmp_path / "own"), figures=False)["count"] == 40

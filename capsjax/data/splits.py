@@ -64,6 +64,12 @@ class Datasets:
         mix held-out and training examples). The test set may change (e.g. ``multimnist.test_pairs``)."""
         return arrays_sha256(*self.train, *self.validation)
 
+    def scored_sha256(self) -> dict[str, str]:
+        """The :func:`arrays_sha256` of the validation and test sets, as :func:`load_eval_split` gives them: recorded
+        with the run, so that ``eval.py`` can refuse to score other data as the run's own (``--data-dir`` of another
+        dataset)."""
+        return {"validation": arrays_sha256(*self.validation), "test": arrays_sha256(*self.test)}
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """The shape of one model input (for MultiMNIST, the canvas)."""
