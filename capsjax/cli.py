@@ -247,6 +247,8 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
         return _fail(prog, str(err), 2)
     except CheckpointError as err:
         return _fail(prog, str(err), 1)
+    except OSError as err:  # e.g. --out-dir names a file
+        return _fail(prog, f"cannot write to {err.filename or args.out_dir}: {err.strerror or err}", 1)
     if "note" in metrics:
         print(f"note: {metrics['note']}")
     named = metrics["dataset"] + (" (an approximation of affNIST)" if metrics["dataset"] == "affine_mnist" else "")

@@ -54,8 +54,11 @@ def evaluate_arrays(
     confusion matrix the per-digit one (:func:`capsjax.scoring.pair_confusion`).
 
     ``should_stop()`` is polled between batches; raises :class:`StopRequested` when it returns True."""
+    if not len(images):
+        raise ValueError("no examples to evaluate")
     sharding = steps.data_sharding
     totals, dispatched = None, []
+    batch_size = min(batch_size, len(images))  # a batch no larger than the data: padding is memory too
     labels = labels.astype(np.int32) if labels.ndim == 1 else labels.astype(np.float32)
     arrays = (images, labels) if digits is None else (images, labels, digits)
     for mask, x, y, *d in padded_batches(arrays, _device_multiple(batch_size, steps)):

@@ -83,8 +83,11 @@ def save_weights(
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    temporary.replace(path)  # never a half-written file under the final name
+    try:
+        save_file(tensors, str(temporary), metadata=metadata)
+        temporary.replace(path)  # never a half-written file under the final name
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
 
 
@@ -154,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         path = export_workdir(args.workdir, args.path, args.checkpoint, args.dtype)
     except (ValueError, RuntimeError) as err:
         print(f"{parser.prog}: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except OSError as err:  # e.g. the path's folder is a file, or the path a folder
+        print(f"{parser.prog}: error: cannot write {args.path}: {err.strerror or err}", file=sys.stderr)
         return 1
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0

@@ -175,3 +175,34 @@ def test_eval_refuses_other_data_as_the_runs_own(tmp_path):
     assert not (tmp_path / "eval_test.json").exists()  # nothing written for the refused data
     # another dataset (--dataset) is scored as such, with no check against the run's own
     assert evaluate_workdir(workdir, dataset="mnist", data_dir=str(tmp_path / "own"), figures=False)["count"] == 40
+
+
+def test_paths_that_cannot_be_written_and_empty_data_are_one_line(tmp_path, capsys):
+    # each of these stopped eval.py or weights export with a traceback (FileExistsError, NotADirectoryError,
+    # IsADirectoryError leaving a .tmp behind, TypeError on a test set of 0 images, a 7 TiB batch of padding)
+    from capsjax import data as datalib
+    from capsjax.cli import eval_main
+    from capsjax.train import train_and_evaluate
+
+    workdir = tmp_path / "run"
+    train_and_evaluate(dataclasses.replace(CONFIG, progress=False, epochs=1), workdir)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder.safetensors").mkdir()
+    for argv in (["--out-dir", str(tmp_path / "file")], ["--out-dir", str(tmp_path / "file" / "sub")]):
+        assert eval_main(["--workdir", str(workdir), "--no-figures", *argv], prog="eval.py") == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"eval.py: error: cannot write to {tmp_path / 'file'}")
+    for target in (tmp_path / "file" / "w.safetensors", tmp_path / "folder.safetensors"):
+        assert weights.main(["export", str(workdir), str(target)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"cannot write {target}" in err
+    assert not list(tmp_path.glob("*.tmp"))  # no half-written file left beside the target
+    assert eval_main(["--workdir", str(workdir), "--no-figures", "--batch-size", str(10**12)]) == 0
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for stem, shape in (("train", (0, 28, 28)), ("t10k", (0, 28, 28))):
+        datalib.write_idx(empty / f"{stem}-images-idx3-ubyte.gz", np.zeros(shape, np.uint8))
+        datalib.write_idx(empty / f"{stem}-labels-idx1-ubyte.gz", np.zeros(0, np.uint8))
+    with pytest.raises(datalib.DataError, match="mnist test in .* holds no examples: its files are empty or damaged"):
+        datalib.load("mnist", "test", empty)

@@ -104,6 +104,8 @@ def load(name: str, split: str, data_dir: str | os.PathLike | None = None) -> tu
             raise DataError(f"{name}: no local copy in {searched}, and TFDS has no {name}; download its original "
                             f"files, then {HINT}")  # fmt: skip
         images, labels, where = tfds.load_tfds(name, spec.tfds_name, split, searched)
+    if not len(labels):
+        raise DataError(f"{name} {split} in {where} holds no examples: its files are empty or damaged")
     _check_labels(labels, spec.num_classes, f"{name} {split} labels in {where}")
     return images, labels
 
