@@ -194,7 +194,7 @@ def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
     source.add_argument("--weights", type=_user_path, metavar="FILE.safetensors",
                         help="a weights file (python -m capsjax.weights export) instead of a work directory; "
                         "figures and eval JSON go to FILE_eval/ beside it unless --out-dir is given")  # fmt: skip
-    parser.add_argument("--split", default="test",
+    parser.add_argument("--split", default="test", choices=("test", "validation", "train"),
                         help="dataset split to evaluate: test (default), validation (the run's held-out examples) or "
                         "train (those it trained on); MultiMNIST: test or validation pairs")  # fmt: skip
     parser.add_argument("--dataset", default=None,

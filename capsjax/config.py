@@ -199,7 +199,7 @@ class OptimConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        if self.learning_rate <= 0 or self.decay_steps < 1 or self.warmup_steps < 0:
+        if not 0 < self.learning_rate < float("inf") or self.decay_steps < 1 or self.warmup_steps < 0:  # NaN too
             raise ConfigError("optim.learning_rate and optim.decay_steps must be > 0, optim.warmup_steps >= 0")
         if self.schedule == "cosine" and self.warmup_steps >= self.decay_steps:
             raise ConfigError(

@@ -149,7 +149,13 @@ def load_run(workdir: str | Path, which: str = "best", log=print) -> Run:
             step = int(which)
             if step not in available:
                 raise CheckpointError(f"no checkpoint of step {step} in {checkpoints.directory} (there are {available})")
-        state = checkpoints.restore(state, step)
+        try:
+            state = checkpoints.restore(state, step)
+        except CheckpointError as err:
+            others = [s for s in available if s != step]
+            if not others:
+                raise
+            raise CheckpointError(f"{err}; evaluate another with --checkpoint STEP (steps {others})") from None
     finally:
         checkpoints.close()
     data = workdir / DATA

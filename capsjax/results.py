@@ -162,6 +162,8 @@ def _duration(seconds: float | None) -> str:
 
 def _runs(results_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     """The run folders of ``results_dir`` (those with a ``config.json``), in name order, each with its config."""
+    if not Path(results_dir).is_dir():
+        raise ValueError(f"{results_dir} is not a folder: give the results folder (--results-dir)")
     folders = sorted(p for p in Path(results_dir).glob("*") if (p / "config.json").exists())
     return [(folder, read_json(folder / "config.json", _RECOLLECT)) for folder in folders]
 
@@ -400,6 +402,8 @@ def robustness_figure(folders: list[str | Path], path: str | Path) -> Path:
 
     lines = {}
     for folder in map(Path, folders):
+        if not (folder / "config.json").exists():
+            raise ValueError(f"{folder} is not a run folder (it has no config.json)")
         for name, points in robustness(folder).items():
             points = [p for p in points if p[1] is not None]
             if points:
@@ -459,6 +463,14 @@ def collect(
     workdir, dest = Path(workdir).expanduser(), Path(dest)
     if not (workdir / "config.json").exists():
         raise ValueError(f"{workdir} has no config.json: is it a capsjax work directory?")
+    if dest.resolve() == workdir.resolve():
+        raise ValueError(f"{dest} is the work directory itself: collect into a folder under results/")
+    inside = sorted(path.parent.name for path in dest.glob("*/config.json"))
+    if inside:
+        raise ValueError(
+            f"{dest} holds run folders ({', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''}): collect into a "
+            f"folder of its own, e.g. {dest / workdir.name}"
+        )
     if (dest / "config.json").exists():
         differs = same_run(dest, workdir)
         if differs and not replace:
@@ -574,8 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replace", action="store_true", help="DEST holds another run: replace it with this one")
     p = sub.add_parser("table", help="print the results table and the table against the paper, or write them")
     p.add_argument("--results-dir", default="results")
-    p.add_argument("--write", metavar="README", default=None)
-    p.add_argument("--check", metavar="README", default=None, help="exit 1 if README's table is not current")
+    either = p.add_mutually_exclusive_group()
+    either.add_argument("--write", metavar="README", default=None)
+    either.add_argument("--check", metavar="README", default=None, help="exit 1 if README's table is not current")
     p = sub.add_parser("robustness", help="plot runs' accuracy on their other test sets against their own, by epoch")
     p.add_argument("folders", nargs="+", metavar="FOLDER")
     p.add_argument("--out", required=True, metavar="PNG")

@@ -82,6 +82,11 @@ def train_and_evaluate(
     :class:`TrainingDiverged` if the loss blows up.
     """
     workdir = Path(workdir)
+    if (workdir / "record.json").exists():  # training there would replace the record's metrics beside stale files
+        raise ConfigError(
+            f"{workdir} is a results folder (its record.json was written by python -m capsjax.results collect): train "
+            "in a work directory outside results/, e.g. ~/capsjax-runs/NAME, and collect it from there"
+        )
     mesh = default_mesh()  # 1. devices and mesh
     if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
         raise ConfigError(

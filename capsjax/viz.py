@@ -45,6 +45,8 @@ def _figure(width: float, height: float) -> Figure:
 
 def _save(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     path = Path(path)
+    if not path.suffix:  # Matplotlib would write NAME.png and the caller report NAME
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1)
     return path

@@ -5,6 +5,7 @@ the trainer before its rewrite."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -154,6 +155,26 @@ def test_every_checkpoint_damaged_is_one_clear_error(tmp_path):
 
     with pytest.raises(CheckpointError, match="checkpoints/3 is unreadable"):
         load_run(tmp_path, "latest")
+
+
+def test_a_damaged_best_checkpoint_names_the_others_to_evaluate(tmp_path):
+    # eval.py said only "unreadable or does not match this model", though --checkpoint with another step worked
+    from capsjax.checkpoint import Checkpoints
+    from capsjax.evaluate import load_run
+
+    train_and_evaluate(dataclasses.replace(SMALL, epochs=2), tmp_path)
+    checkpoints = Checkpoints(tmp_path, SMALL.keep_checkpoints, read_only=True)
+    best, available = checkpoints.best_step(), checkpoints.all_steps()
+    checkpoints.close()
+    assert len(available) > 1, available
+    for f in (tmp_path / "checkpoints" / str(best)).rglob("*"):
+        if f.is_file() and f.stat().st_size > 100:
+            f.write_bytes(b"\0" * 10)
+    others = [s for s in available if s != best]
+    hint = re.escape(f"; evaluate another with --checkpoint STEP (steps {others})")
+    with pytest.raises(CheckpointError, match=f"unreadable .*{hint}"):
+        load_run(tmp_path, "best")
+    assert load_run(tmp_path, str(others[-1])).step == others[-1]
 
 
 # ---- defect 4: one run per work directory

@@ -99,6 +99,12 @@ def test_collect_refuses_to_mix_two_runs_in_one_folder(tmp_path):
     record = json.loads((dest / "record.json").read_text())
     assert record["command"] == "python train.py --b" and "note" not in record
     assert json.loads((dest / "config.json").read_text())["batch_size"] == 32
+    # results/ itself, or the work directory itself: refused (the files landed beside the run folders)
+    with pytest.raises(ValueError, match="holds run folders \\(quick\\): collect into a folder of its own"):
+        results.collect(first, tmp_path / "results", "python train.py --a")
+    assert not (tmp_path / "results" / "record.json").exists()
+    with pytest.raises(ValueError, match="is the work directory itself"):
+        results.collect(first, first, "python train.py --a")
 
 
 def test_write_table_between_the_markers(tmp_path):
@@ -254,7 +260,7 @@ def test_the_table_names_each_runs_model_and_training_set(tmp_path):
         assert expected in rows[name], rows[name]
 
 
-def test_the_robustness_table_lists_each_epochs_own_and_other_test_accuracy(tmp_path):
+def test_the_robustness_table_lists_each_epochs_own_and_other_test_accuracy(tmp_path, capsys):
     import dataclasses
 
     expanded = get_config("expanded_mnist")
@@ -279,6 +285,16 @@ def test_the_robustness_table_lists_each_epochs_own_and_other_test_accuracy(tmp_
     out = tmp_path / "robustness.png"
     assert results.main(["robustness", str(folder), "--out", str(out)]) == 0 and out.stat().st_size > 1000
     assert results.main(["robustness", str(tmp_path / "results" / "plain"), "--out", str(out)]) == 2
+    # a folder that is not a run was skipped without a word; --out without a suffix wrote NAME.png and said NAME
+    assert results.main(["robustness", str(folder), str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "missing is not a run folder" in capsys.readouterr().err
+    assert results.main(["robustness", str(folder), "--out", str(tmp_path / "figure")]) == 0
+    assert f"wrote {tmp_path / 'figure.png'}" in capsys.readouterr().out and (tmp_path / "figure.png").exists()
+    # a results folder that does not exist was an empty table; --write with --check only checked
+    assert results.main(["table", "--results-dir", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        results.main(["table", "--write", str(readme), "--check", str(readme)])
 
 
 def test_the_matched_table_pairs_the_epochs_whose_own_accuracies_are_closest(tmp_path):

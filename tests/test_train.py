@@ -183,6 +183,9 @@ def test_schedules_by_hand():
         replace_path(get_config("default"), "optim.schedule", "linear")
     with pytest.raises(ConfigError, match="warmup_steps"):
         replace_path(fast, "optim.warmup_steps", str(fast.optim.decay_steps))
+    for rate in ("nan", "inf", "0"):  # a NaN rate passed the check and blew up at the second step
+        with pytest.raises(ConfigError, match="optim.learning_rate and optim.decay_steps must be > 0"):
+            replace_path(fast, "optim.learning_rate", rate)
 
 
 SMOKE = dataclasses.replace(get_config("smoke"), progress=False)
@@ -235,7 +238,8 @@ def test_rerun_of_an_ended_run_returns_its_results_without_scoring_again(tmp_pat
 def test_non_finite_loss_stops_training(tmp_path):
     from capsjax.train import TrainingDiverged
 
-    config = dataclasses.replace(SMOKE, epochs=1, optim=OptimConfig(learning_rate=float("nan")), log_every_steps=1)
+    blowing_up = OptimConfig(learning_rate=1e-3, decay_rate=1e6, decay_steps=1)  # (a NaN rate is refused up front)
+    config = dataclasses.replace(SMOKE, epochs=1, optim=blowing_up, log_every_steps=1)
     with pytest.raises(TrainingDiverged, match="non-finite"):
         train_and_evaluate(config, tmp_path)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from capsjax import weights
-from capsjax.config import OptimConfig, get_config
+from capsjax.config import ConfigError, OptimConfig, get_config
 from capsjax.evaluate import load_run, predict, predict_arrays
 from capsjax.steps import init_state
 
@@ -177,7 +177,7 @@ def test_eval_refuses_other_data_as_the_runs_own(tmp_path):
     assert evaluate_workdir(workdir, dataset="mnist", data_dir=str(tmp_path / "own"), figures=False)["count"] == 40
 
 
-def test_paths_that_cannot_be_written_and_empty_data_are_one_line(tmp_path, capsys):
+def test_bad_paths_results_folders_and_empty_data_are_refused_in_one_line(tmp_path, capsys):
     # each of these stopped eval.py or weights export with a traceback (FileExistsError, NotADirectoryError,
     # IsADirectoryError leaving a .tmp behind, TypeError on a test set of 0 images, a 7 TiB batch of padding)
     from capsjax import data as datalib
@@ -197,6 +197,10 @@ def test_paths_that_cannot_be_written_and_empty_data_are_one_line(tmp_path, caps
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"cannot write {target}" in err
     assert not list(tmp_path.glob("*.tmp"))  # no half-written file left beside the target
+    (workdir / "record.json").write_text("{}")  # a results folder (collected): no training there
+    with pytest.raises(ConfigError, match="is a results folder .*train in a work directory outside results/"):
+        train_and_evaluate(dataclasses.replace(CONFIG, progress=False, epochs=2), workdir)
+    (workdir / "record.json").unlink()
     assert eval_main(["--workdir", str(workdir), "--no-figures", "--batch-size", str(10**12)]) == 0
     capsys.readouterr()
     empty = tmp_path / "empty"

@@ -22,6 +22,7 @@ from capsjax.config import ConfigError, MultiMNISTConfig, TrainConfig
 from capsjax.data.canvas import fixed_placement
 from capsjax.data.multimnist import multimnist_batches, multimnist_pairs
 from capsjax.data.pipeline import batches
+from capsjax.data.errors import DATA_ENV, HINT, DataError
 from capsjax.data.registry import load
 
 DERIVED_FROM = {"affine_mnist": "mnist"}
@@ -192,7 +193,15 @@ def load_eval_split(
 def load_also_test(config: TrainConfig) -> dict[str, tuple[np.ndarray, ...]]:
     """The test sets of ``config.also_test_on`` (:func:`load_eval_split`), by name, for a config whose model is
     already adapted to its data (:func:`adapt_model_to_data`)."""
-    return {name: load_eval_split(config, "test", dataset=name) for name in config.also_test_on}
+    sets = {}
+    for name in config.also_test_on:
+        try:
+            sets[name] = load_eval_split(config, "test", dataset=name)
+        except DataError as err:  # --data-dir names the run's own data: that remedy would fail the same way
+            folder = name.split("/")[0]
+            where = f"set ${DATA_ENV} to a directory that holds a {folder}/ folder (--data-dir is the run's own data)"
+            raise DataError(str(err).replace(HINT, where)) from None
+    return sets
 
 
 def adapt_model_to_data(config: TrainConfig, datasets: Datasets) -> TrainConfig:
