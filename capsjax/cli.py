@@ -44,8 +44,8 @@ _TRAIN_FLAGS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (its sub-commands' parsers too)."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
@@ -63,7 +63,7 @@ def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
     """The ``capsjax-train`` / ``train.py`` argument parser: ``--preset``, ``--workdir``, one flag per common config
     field, ``--set FIELD=VALUE``, ``--quiet``, the multi-process flags, ``--print-config``, ``--verbose``,
     ``--version``."""
-    parser = _Parser(prog=prog, description="Train a CapsNet (Sabour et al. 2017). Rerun on the same --workdir to resume.")
+    parser = OneLineParser(prog=prog, description="Train a CapsNet (Sabour et al. 2017). Rerun on the same --workdir to resume.")
     parser.add_argument("--preset", default="default", help=f"one of {', '.join(PRESETS)} (default: the paper's settings)")
     parser.add_argument("--workdir", type=_user_path, default=None, help="run directory (default: runs/<preset>)")
     for flag, (_, kind, help_) in _TRAIN_FLAGS.items():
@@ -188,7 +188,7 @@ def train_main(argv: list[str] | None = None, prog: str = "capsjax-train") -> in
 
 def build_eval_parser(prog: str = "capsjax-eval") -> argparse.ArgumentParser:
     """The ``capsjax-eval`` / ``eval.py`` argument parser."""
-    parser = _Parser(prog=prog, description="Evaluate a trained CapsNet and draw its reconstructions.")
+    parser = OneLineParser(prog=prog, description="Evaluate a trained CapsNet and draw its reconstructions.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", type=_user_path, help="the training run's directory")
     source.add_argument("--weights", type=_user_path, metavar="FILE.safetensors",

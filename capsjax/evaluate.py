@@ -297,6 +297,8 @@ def evaluate_workdir(
     from capsjax import data as datalib
     from capsjax.data.canvas import DATASET_NOTES
 
+    if dataset is not None and not dataset.strip():
+        raise ConfigError("--dataset needs a dataset's name (e.g. affine_mnist); leave it out to score the run's own")
     run = load_run(workdir, which)
     if out_dir is None:  # a weights file: its own folder beside it, never over the files its run recorded
         out_dir = Path(workdir).with_name(Path(workdir).stem + "_eval") if run.which == "weights" else workdir

@@ -19,7 +19,6 @@ nothing in them is typed by hand.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -575,7 +574,9 @@ def replay(folder: str | Path, steps: int, data_dir: str | None = None, rtol: fl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m capsjax.results", description=__doc__.splitlines()[0])
+    from capsjax.cli import OneLineParser
+
+    parser = OneLineParser(prog="python -m capsjax.results", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("collect", help="copy a run's small files into results/<name> and record the command")
     p.add_argument("workdir")

@@ -159,6 +159,11 @@ def _open_run(config, workdir, datasets, steps_per_epoch, state, should_stop) ->
         f"{config.epochs} epochs, batch {config.batch_size} over {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s) in {jax.process_count()} process(es)"
     )
+    if config.train_examples is not None and len(datasets.train[0]) < config.train_examples:
+        run.console.write(
+            f"note: train_examples={config.train_examples}, but {config.dataset} has only {len(datasets.train[0])} "
+            f"training examples after the {config.validation_examples} held out: training on all of them"
+        )
     return run
 
 

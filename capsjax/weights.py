@@ -11,7 +11,6 @@ path in the model (``conv1/kernel``, ``classes/W``, ``decoder/hidden/0/bias``, .
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -109,6 +108,9 @@ def read_weights(path: str | Path) -> tuple[TrainConfig, dict[str, np.ndarray], 
         raise WeightsError(f"{path} is not a readable safetensors file ({err}); export it again") from None
     if metadata.get("format") != FORMAT:
         raise WeightsError(f"{path} is not a capsjax weights file (format {metadata.get('format')!r}, not {FORMAT!r})")
+    bad = next((name for name, value in arrays.items() if not np.isfinite(value).all()), None)
+    if bad is not None:  # scored, they would give a NaN loss and chance accuracy without a word
+        raise WeightsError(f"{path}: {bad} holds NaN or infinite values; export the weights of a checkpoint that has none")
     try:
         config = from_dict(TrainConfig, json.loads(metadata["config"]))
     except (KeyError, json.JSONDecodeError, ConfigError) as err:
@@ -145,7 +147,9 @@ def export_workdir(workdir: str | Path, path: str | Path, which: str = "best", d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m capsjax.weights", description=__doc__.splitlines()[0])
+    from capsjax.cli import OneLineParser
+
+    parser = OneLineParser(prog="python -m capsjax.weights", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="write a work directory's checkpoint as a weights file")
     export.add_argument("workdir")

@@ -293,8 +293,10 @@ def test_the_robustness_table_lists_each_epochs_own_and_other_test_accuracy(tmp_
     # a results folder that does not exist was an empty table; --write with --check only checked
     assert results.main(["table", "--results-dir", str(tmp_path / "nowhere")]) == 2
     assert "nowhere is not a folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # (argparse's usage errors are one line too, as in train.py and eval.py)
         results.main(["table", "--write", str(readme), "--check", str(readme)])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not allowed with argument --write (see --help)" in err
 
 
 def test_the_matched_table_pairs_the_epochs_whose_own_accuracies_are_closest(tmp_path):

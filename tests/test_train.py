@@ -310,3 +310,11 @@ def test_short_mnist_run_reaches_accuracy(tmp_path, mnist_dir, optimized_env):
     results = json.loads((work / "results.json").read_text())
     print(f"short MNIST run: test accuracy {results['test_accuracy']:.4f}")
     assert results["test_accuracy"] >= 0.95, results
+
+
+def test_fewer_training_examples_than_asked_for_is_said(tmp_path, capsys):
+    # train_examples above what the data hold trained on fewer without a word (config.json recorded the larger number)
+    config = dataclasses.replace(SMOKE, epochs=1, train_examples=1000, validation_examples=5900, progress=True)
+    train_and_evaluate(config, tmp_path)
+    out = capsys.readouterr().out
+    assert "note: train_examples=1000, but synthetic has only 100 training examples after the 5900 held out" in out

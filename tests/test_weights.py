@@ -92,6 +92,10 @@ def test_broken_weights_files_are_one_clear_error(tmp_path, params):
         weights.read_weights(truncated)
     with pytest.raises(ValueError, match="must end in"):
         weights.save_weights(tmp_path / "w.npz", params, CONFIG, step=0)
+    nan = jax.tree.map(lambda a: a, params)
+    nan["classes"]["W"] = np.full_like(nan["classes"]["W"], np.nan)
+    with pytest.raises(weights.WeightsError, match="classes/W holds NaN or infinite values"):
+        weights.read_weights(weights.save_weights(tmp_path / "nan.safetensors", nan, CONFIG, step=0))
 
 
 @pytest.mark.slow
