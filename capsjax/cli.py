@@ -247,8 +247,9 @@ def eval_main(argv: list[str] | None = None, prog: str = "capsjax-eval") -> int:
         return _fail(prog, str(err), 2)
     except CheckpointError as err:
         return _fail(prog, str(err), 1)
-    except OSError as err:  # e.g. --out-dir names a file
-        return _fail(prog, f"cannot write to {err.filename or args.out_dir}: {err.strerror or err}", 1)
+    except OSError as err:  # e.g. --out-dir names a file, or the disk is full
+        where = err.filename or args.out_dir or args.weights or args.workdir
+        return _fail(prog, f"cannot read or write {where}: {err.strerror or err}", 1)
     if "note" in metrics:
         print(f"note: {metrics['note']}")
     named = metrics["dataset"] + (" (an approximation of affNIST)" if metrics["dataset"] == "affine_mnist" else "")

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from capsjax.files import write_atomic
+from capsjax.files import read_json, write_atomic
 
 ARCHS = ("capsnet", "cnn", "efficient_capsnet")  # ModelConfig.arch: capsjax.model.MODELS (kept equal by a test)
 KERNELS = ("auto", "fast", "textbook")  # ModelConfig.kernels; "auto": "fast" on the CPU backend (capsjax.layers)
@@ -605,8 +605,6 @@ def load_config(path: Path) -> TrainConfig:
     :class:`ConfigError` if the file is missing, not JSON, or has unknown or ill-typed fields."""
     path = Path(path)
     try:
-        return from_dict(TrainConfig, json.loads(path.read_text()))
+        return from_dict(TrainConfig, read_json(path, "restore it, or start a new run in another folder", ConfigError))
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: is this a capsjax work directory?") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path} is not valid JSON ({err})") from None

@@ -29,9 +29,13 @@ class StopRequested(Exception):
     """``should_stop()`` returned True during an evaluation."""
 
 
-def _device_multiple(batch_size: int, steps: Steps) -> int:
-    """``batch_size`` rounded down to a multiple of the device count (at least one example per device)."""
-    return max(batch_size - batch_size % steps.mesh.size, steps.mesh.size)
+def _device_multiple(batch_size: int, steps: Steps, count: int | None = None) -> int:
+    """``batch_size`` rounded down to a multiple of the device count (at least one example per device), and no larger
+    than ``count`` examples rounded up to that multiple (a larger batch would be padding)."""
+    devices = steps.mesh.size
+    if count is not None:
+        batch_size = min(batch_size, -(-count // devices) * devices)
+    return max(batch_size - batch_size % devices, devices)
 
 
 def evaluate_arrays(
@@ -58,10 +62,9 @@ def evaluate_arrays(
         raise ValueError("no examples to evaluate")
     sharding = steps.data_sharding
     totals, dispatched = None, []
-    batch_size = min(batch_size, len(images))  # a batch no larger than the data: padding is memory too
     labels = labels.astype(np.int32) if labels.ndim == 1 else labels.astype(np.float32)
     arrays = (images, labels) if digits is None else (images, labels, digits)
-    for mask, x, y, *d in padded_batches(arrays, _device_multiple(batch_size, steps)):
+    for mask, x, y, *d in padded_batches(arrays, _device_multiple(batch_size, steps, len(images))):
         if should_stop is not None and should_stop():
             raise StopRequested
         inputs = [global_batch(sharding, a) for a in (x, y, mask, *d)]
@@ -202,7 +205,7 @@ def predict_arrays(steps: Steps, params: Any, images: np.ndarray, batch_size: in
     """:func:`predict` for compiled ``steps`` and ``params``: ``images`` [N, H, W, C] (N >= 1), uint8 or float in
     [0, 1]. Returns the model's output tuple of NumPy arrays."""
     outputs = []
-    for mask, x in padded_batches((images,), _device_multiple(batch_size, steps)):
+    for mask, x in padded_batches((images,), _device_multiple(batch_size, steps)):  # one program for every N
         out = jax.device_get(steps.predict(params, global_batch(steps.data_sharding, x)))
         valid = int(mask.sum())
         outputs.append(jax.tree.map(lambda a: a[:valid], out))
@@ -305,20 +308,19 @@ def evaluate_workdir(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = run.config
-    own = dataset is None or dataset == config.dataset
+    # the run's own set: eval_<split>.json and its figures, checked against the hashes training recorded; --dataset
+    # (even the run's own dataset's name, e.g. for a variant of its test set) writes eval_<name>_<split>.json
+    own = dataset is None
     name = config.dataset if own else dataset
-    images, labels, *digits = datalib.load_eval_split(config, split, data_dir, None if own else name)
+    loaded_as = None if own or dataset == config.dataset else name  # the run's dataset: on its canvas, as trained
+    images, labels, *digits = datalib.load_eval_split(config, split, data_dir, loaded_as)
+    scored = datalib.arrays_sha256(images, labels, *digits)  # equal: two runs scored the same examples
+    recorded = run.scored_sha256.get(split) if own else None
+    if recorded is not None and recorded != scored:  # before the evaluation: refused in seconds, not minutes
+        _refuse_other_data(config, name, split, data_dir)
     batch_size = batch_size or config.eval_batch_size
     metrics = evaluate_arrays(run.steps, run.params, images, labels, batch_size, digits=digits[0] if digits else None)
-    metrics.update(split=split, checkpoint=run.which, step=run.step, dataset=name)
-    metrics["data_sha256"] = datalib.arrays_sha256(images, labels, *digits)  # equal: two runs scored the same examples
-    recorded = run.scored_sha256.get(split) if own else None
-    if recorded is not None and recorded != metrics["data_sha256"]:
-        raise datalib.DataError(
-            f"the {name} {split} examples from {data_dir or config.data_dir or 'the default data folder'} are not "
-            f"those the run was scored on in training: pass the --data-dir it trained with "
-            f"({config.data_dir or 'none: the default folder'}), or --dataset NAME to score another set"
-        )
+    metrics.update(split=split, checkpoint=run.which, step=run.step, dataset=name, data_sha256=scored)
     if name in DATASET_NOTES:
         metrics["note"] = DATASET_NOTES[name]
     stem = f"eval_{split}" if own else f"eval_{name.replace('/', '_')}_{split}"
@@ -330,6 +332,22 @@ def evaluate_workdir(
             paths = _transfer_figures(run, images, labels, metrics, name.replace("/", "_"), out_dir)
         metrics["figures"] = [str(p) for p in paths]
     return metrics
+
+
+def _refuse_other_data(config: TrainConfig, name: str, split: str, data_dir: str | None) -> None:
+    """Raises the DataError for a run's own ``split`` whose examples are not those it was scored on in training."""
+    from capsjax.data import DataError
+
+    trained = config.data_dir or "the default data folder"
+    if data_dir is None or data_dir == config.data_dir:
+        raise DataError(
+            f"the {name} {split} examples in {trained} changed since the run was trained (other files, or a source "
+            "that orders them differently): restore them, or score them as another set with --dataset " + name
+        )
+    raise DataError(
+        f"the {name} {split} examples from {data_dir} are not those the run was scored on in training: pass the "
+        f"--data-dir it trained with ({trained}), or score them as another set with --dataset NAME"
+    )
 
 
 def _transfer_figures(run: Run, images, labels, metrics, name: str, out_dir: Path, count: int = 12) -> list[Path]:

@@ -82,7 +82,9 @@ def train_and_evaluate(
     :class:`TrainingDiverged` if the loss blows up.
     """
     workdir = Path(workdir)
-    if (workdir / "record.json").exists():  # training there would replace the record's metrics beside stale files
+    # a collected results folder (record.json, no checkpoints): training there would replace its metrics and leave its
+    # evaluations and record beside them
+    if (workdir / "record.json").exists() and not (workdir / "checkpoints").exists():
         raise ConfigError(
             f"{workdir} is a results folder (its record.json was written by python -m capsjax.results collect): train "
             "in a work directory outside results/, e.g. ~/capsjax-runs/NAME, and collect it from there"

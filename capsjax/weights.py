@@ -68,10 +68,18 @@ def save_weights(
         raise ValueError(f"a weights file must end in {SUFFIX}, got {path.name}")
     import jax
 
-    tensors = {
-        name: np.ascontiguousarray(np.asarray(jax.device_get(leaf)).astype(DTYPES[dtype]))
-        for name, leaf in _named_leaves(params).items()
-    }
+    with np.errstate(over="ignore"):  # a value beyond float16's range becomes inf: refused below, with the remedy
+        tensors = {
+            name: np.ascontiguousarray(np.asarray(jax.device_get(leaf)).astype(DTYPES[dtype]))
+            for name, leaf in _named_leaves(params).items()
+        }
+    overflow = next((name for name, value in tensors.items() if not np.isfinite(value).all()), None)
+    if overflow is not None:
+        finite = np.isfinite(np.asarray(jax.device_get(_named_leaves(params)[overflow]))).all()
+        raise ValueError(
+            f"{overflow} exceeds {dtype}'s range: export with --dtype float32" if finite
+            else f"{overflow} holds NaN or infinite values: export a checkpoint from before the run diverged"
+        )
     metadata = {
         "format": FORMAT,
         "capsjax_version": __version__,
@@ -162,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as err:
         print(f"{parser.prog}: error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 1
-    except OSError as err:  # e.g. the path's folder is a file, or the path a folder
-        print(f"{parser.prog}: error: cannot write {args.path}: {err.strerror or err}", file=sys.stderr)
+    except OSError as err:  # e.g. the path's folder is a file, or the path a folder, or the disk is full
+        print(f"{parser.prog}: error: cannot read or write {err.filename or args.path}: {err.strerror or err}",
+              file=sys.stderr)  # fmt: skip
         return 1
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0

@@ -92,10 +92,23 @@ def test_broken_weights_files_are_one_clear_error(tmp_path, params):
         weights.read_weights(truncated)
     with pytest.raises(ValueError, match="must end in"):
         weights.save_weights(tmp_path / "w.npz", params, CONFIG, step=0)
-    nan = jax.tree.map(lambda a: a, params)
-    nan["classes"]["W"] = np.full_like(nan["classes"]["W"], np.nan)
+    # non-finite values: refused when written (a float16 overflow says so), and in a file made otherwise when read
+    from safetensors.numpy import load_file, save_file
+
+    large = jax.tree.map(lambda a: a, params)
+    large["classes"]["W"] = np.full_like(large["classes"]["W"], 1e6)
+    with pytest.raises(ValueError, match="classes/W exceeds float16's range: export with --dtype float32"):
+        weights.save_weights(tmp_path / "large.safetensors", large, CONFIG, step=0)
+    assert weights.read_weights(weights.save_weights(tmp_path / "l.safetensors", large, CONFIG, step=0, dtype="float32"))
+    large["classes"]["W"] = np.full_like(large["classes"]["W"], np.nan)
+    with pytest.raises(ValueError, match="classes/W holds NaN or infinite values: export a checkpoint from before"):
+        weights.save_weights(tmp_path / "nan.safetensors", large, CONFIG, step=0, dtype="float32")
+    _, _, metadata = weights.read_weights(path)
+    tensors = load_file(str(path))
+    tensors["classes/W"] = np.full_like(tensors["classes/W"], np.nan)
+    save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
     with pytest.raises(weights.WeightsError, match="classes/W holds NaN or infinite values"):
-        weights.read_weights(weights.save_weights(tmp_path / "nan.safetensors", nan, CONFIG, step=0))
+        weights.read_weights(tmp_path / "nan.safetensors")
 
 
 @pytest.mark.slow
@@ -177,8 +190,15 @@ def test_eval_refuses_other_data_as_the_runs_own(tmp_path):
                 evaluate_workdir(source, split=split, data_dir=str(tmp_path / "other"), figures=False, out_dir=tmp_path)
         assert evaluate_workdir(source, figures=False, out_dir=tmp_path / "ok")["count"] == 40  # its own folder
     assert not (tmp_path / "eval_test.json").exists()  # nothing written for the refused data
-    # another dataset (--dataset) is scored as such, with no check against the run's own
-    assert evaluate_workdir(workdir, dataset="mnist", data_dir=str(tmp_path / "own"), figures=False)["count"] == 40
+    # --dataset (even the run's own dataset's name: a variant of its test set) scores the files as another set, with
+    # no check against the run's own and into eval_<name>_<split>.json, not over eval_test.json
+    other = evaluate_workdir(workdir, dataset="mnist", data_dir=str(tmp_path / "other"), figures=False)
+    assert other["count"] == 40 and (workdir / "eval_mnist_test.json").exists()
+    assert json.loads((tmp_path / "ok" / "eval_test.json").read_text())["data_sha256"] != other["data_sha256"]
+    # the run's own folder whose files changed since training: the message says so (not "pass the folder in use")
+    datalib.write_idx(tmp_path / "own" / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 40, np.uint8))
+    with pytest.raises(datalib.DataError, match=f"examples in {tmp_path / 'own'} changed since the run was trained"):
+        evaluate_workdir(workdir, figures=False, out_dir=tmp_path)
 
 
 def test_bad_paths_results_folders_and_empty_data_are_refused_in_one_line(tmp_path, capsys):
@@ -195,16 +215,17 @@ def test_bad_paths_results_folders_and_empty_data_are_refused_in_one_line(tmp_pa
     for argv in (["--out-dir", str(tmp_path / "file")], ["--out-dir", str(tmp_path / "file" / "sub")]):
         assert eval_main(["--workdir", str(workdir), "--no-figures", *argv], prog="eval.py") == 1
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith(f"eval.py: error: cannot write to {tmp_path / 'file'}")
+        assert err.count("\n") == 1 and err.startswith(f"eval.py: error: cannot read or write {tmp_path / 'file'}")
     for target in (tmp_path / "file" / "w.safetensors", tmp_path / "folder.safetensors"):
         assert weights.main(["export", str(workdir), str(target)]) == 1
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"cannot write {target}" in err
+        assert err.count("\n") == 1 and f"cannot read or write {tmp_path}" in err
     assert not list(tmp_path.glob("*.tmp"))  # no half-written file left beside the target
-    (workdir / "record.json").write_text("{}")  # a results folder (collected): no training there
+    from capsjax.results import collect
+
+    collected = collect(workdir, tmp_path / "results" / "run", "python train.py ...")  # no training there
     with pytest.raises(ConfigError, match="is a results folder .*train in a work directory outside results/"):
-        train_and_evaluate(dataclasses.replace(CONFIG, progress=False, epochs=2), workdir)
-    (workdir / "record.json").unlink()
+        train_and_evaluate(dataclasses.replace(CONFIG, progress=False, epochs=2), collected)
     assert eval_main(["--workdir", str(workdir), "--no-figures", "--batch-size", str(10**12)]) == 0
     capsys.readouterr()
     empty = tmp_path / "empty"
