@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from capsjax.config import LossConfig, ModelConfig
-from capsjax.layers import Conv2D
+from capsjax.layers import Conv2D, check_images
 from capsjax.precision import matmul
 
 
@@ -74,9 +74,7 @@ class BaselineCNN(nnx.Module):
         self, images: jax.Array, targets: jax.Array | None = None, *, key: jax.Array | None = None
     ) -> CNNOutput:
         """``targets`` are not used (the contract passes them); ``key`` switches dropout on (training)."""
-        expected = tuple(self.config.image_shape)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"BaselineCNN expects images [batch, {', '.join(map(str, expected))}], got {images.shape}")
+        check_images(images, self.config.image_shape, "BaselineCNN")
         x = images.astype(jnp.float32)
         for conv in self.convs:
             x = jax.nn.relu(conv(x))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import types
 import typing
 from pathlib import Path
@@ -15,7 +16,11 @@ from typing import Any
 
 from capsjax.files import read_json, write_atomic
 
-ARCHS = ("capsnet", "cnn", "efficient_capsnet")  # ModelConfig.arch: capsjax.model.MODELS (kept equal by a test)
+ARCHS = ("capsnet", "cnn", "efficient_capsnet")
+_POSITIVE_INTS = ("num_classes", "num_targets", "conv1_channels", "conv1_kernel", "primary_maps", "primary_dim",
+                  "primary_kernel", "primary_stride", "class_dim", "routing_iterations", "cnn_kernel")  # fmt: skip
+_POSITIVE_INT_TUPLES = ("decoder_hidden", "cnn_hidden", "effcaps_stem_channels", "effcaps_stem_kernels",
+                        "effcaps_stem_strides")  # fmt: skip  # ModelConfig.arch: capsjax.model.MODELS (kept equal by a test)
 KERNELS = ("auto", "fast", "textbook")  # ModelConfig.kernels; "auto": "fast" on the CPU backend (capsjax.layers)
 PRECISIONS = ("float32", "mixed")  # ModelConfig.precision (capsjax.precision)
 ROUTINGS = ("dynamic", "em", "inverted_attention", "self_attention")  # ModelConfig.routing: capsjax.routing.ALGORITHMS
@@ -99,8 +104,13 @@ class ModelConfig:
             raise ValueError(f"arch must be one of {list(ARCHS)}, got {self.arch!r}")
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
             raise ValueError(f"image_shape must be (height, width, channels), got {self.image_shape}")
-        if self.routing_iterations < 1:
-            raise ValueError(f"routing_iterations must be >= 1, got {self.routing_iterations}")
+        for name in _POSITIVE_INTS:  # a 0 divided by zero deep in the layers; 2.5 iterations failed at the first call
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in _POSITIVE_INT_TUPLES:
+            if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in getattr(self, name)):
+                raise ValueError(f"{name} must hold ints >= 1, got {getattr(self, name)!r}")
         if not 1 <= self.num_targets <= self.num_classes:
             raise ValueError(f"num_targets must lie in [1, num_classes={self.num_classes}], got {self.num_targets}")
         if self.precision not in PRECISIONS:

@@ -29,7 +29,7 @@ from flax import nnx
 
 from capsjax import ops, routing
 from capsjax.config import ModelConfig, conv_output_size
-from capsjax.layers import Conv2D, Decoder
+from capsjax.layers import Conv2D, Decoder, check_images
 from capsjax.model import CapsNet, CapsNetOutput
 from capsjax.routing_layers import CapsuleLayer
 
@@ -107,9 +107,7 @@ class EfficientCapsNet(nnx.Module):
     ) -> CapsNetOutput:
         """``targets`` (class ids [B] or k-hot [B, K]) mask the decoder; without them the longest capsule does. A
         ``key`` (training) switches Batch Normalization to the batch's statistics (it draws nothing from it)."""
-        expected = tuple(self.config.image_shape)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"EfficientCapsNet expects images [batch, {', '.join(map(str, expected))}], got {images.shape}")
+        check_images(images, self.config.image_shape, "EfficientCapsNet")
         x = images.astype(jnp.float32)
         for conv, norm in zip(self.convs, self.norms):
             x = norm(jax.nn.relu(conv(x)), use_running_average=key is None)

@@ -139,7 +139,9 @@ def load_run(workdir: str | Path, which: str = "best", log=print) -> Run:
     try:
         available = checkpoints.all_steps()
         if not available:
-            raise CheckpointError(f"no complete checkpoint in {checkpoints.directory}: has the run saved one yet?")
+            exported = sorted(workdir.glob("*.safetensors"))
+            hint = f"pass its weights file, {exported[0]}" if exported else "has the run saved one yet?"
+            raise CheckpointError(f"no complete checkpoint in {checkpoints.directory}: {hint}")
         if which == "best":
             step = checkpoints.best_step()
             if step is None:
@@ -191,7 +193,7 @@ def _unit_images(images: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
         raise ValueError(f"images must be [N, {', '.join(map(str, expected))}], got {images.shape}")
     if images.dtype == np.uint8:
         return images
-    if not np.issubdtype(images.dtype, np.floating):
+    if not jnp.issubdtype(images.dtype, jnp.floating):  # bfloat16 included
         raise ValueError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}: convert them first")
     if images.size and (not np.isfinite(images).all() or images.min() < 0 or images.max() > 1):
         raise ValueError(

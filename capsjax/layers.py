@@ -22,6 +22,19 @@ from capsjax.config import check_kernels
 from capsjax.precision import compute_dtype, matmul
 
 
+def check_images(images: jax.Array, image_shape, model: str) -> None:
+    """Raises a one-line error unless ``images`` are a batch ``[B, *image_shape]`` of floats (the models take pixels in
+    [0, 1]; uint8 images read as 0..255 would train and score without a word, but wrongly)."""
+    expected = tuple(image_shape)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        raise ValueError(f"{model} expects images [batch, {', '.join(map(str, expected))}], got {images.shape}")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(
+            f"{model} expects float images in [0, 1], got {images.dtype}: divide uint8 images by 255 "
+            "(capsjax.evaluate.predict does)"
+        )
+
+
 def resolve_kernels(kernels: str) -> str:
     """``"fast"`` or ``"textbook"``: ``"auto"`` is ``"fast"`` on the CPU backend and ``"textbook"`` on any other."""
     check_kernels(kernels)
@@ -199,7 +212,7 @@ class Decoder(nnx.Module):
         return matmul(x, layer.kernel[...], self.precision) + layer.bias[...][None, :]
 
     def __call__(self, capsules: jax.Array) -> jax.Array:
-        x = capsules.reshape(capsules.shape[0], -1)
+        x = capsules.reshape(capsules.shape[0], math.prod(capsules.shape[1:]))  # (not -1: an empty batch has no -1)
         for layer in self.hidden:
             x = jax.nn.relu(self._dense(layer, x))
         return jax.nn.sigmoid(self._dense(self.out, x)).reshape(x.shape[0], *self.image_shape)

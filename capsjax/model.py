@@ -27,6 +27,7 @@ The contract (what :mod:`capsjax.steps` and :mod:`capsjax.evaluate` call; nothin
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -37,7 +38,7 @@ from flax import nnx
 from capsjax import ops
 from capsjax.baseline import BaselineCNN
 from capsjax.config import LossConfig, ModelConfig
-from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules
+from capsjax.layers import Conv2D, Decoder, PrimaryCapsules, RoutingCapsules, check_images
 from capsjax.routing_layers import CapsuleLayer, PrimaryMatrixCapsules
 
 
@@ -128,21 +129,16 @@ class CapsNet(nnx.Module):
             else None
         )
 
-    def _check_images(self, images: jax.Array) -> None:
-        expected = tuple(self.config.image_shape)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"CapsNet expects images [batch, {', '.join(map(str, expected))}], got {images.shape}")
-
     def _route(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images -> class capsules ``[B, num_classes, class_dim]`` and class scores ``[B, num_classes]``."""
-        self._check_images(images)
+        check_images(images, self.config.image_shape, "CapsNet")
         x = jax.nn.relu(self.conv1(images.astype(jnp.float32)))
         if self.config.routing == "dynamic":
             capsules = self.classes(self.primary(x))
             return capsules, ops.safe_norm(capsules, axis=-1)
         primary = self.primary(x)
         out = self.classes(*primary) if self.config.routing == "em" else self.classes(primary)
-        capsules = out.poses.reshape(*out.poses.shape[:2], -1)  # EM's p x p poses flattened
+        capsules = out.poses.reshape(*out.poses.shape[:2], math.prod(out.poses.shape[2:]))  # EM's p x p poses flat
         return capsules, out.activations
 
     def encode(self, images: jax.Array) -> jax.Array:

@@ -10,8 +10,12 @@ capsule's pose dimension, ``...`` any leading batch axes.
 
 from __future__ import annotations
 
+import math
+import operator
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 __all__ = [
@@ -31,6 +35,20 @@ def reduction_dtype(*dtypes) -> jnp.dtype:
     return jnp.dtype(jnp.float64 if any(jnp.dtype(d) == jnp.float64 for d in dtypes) else jnp.float32)
 
 
+def floating(x, name: str) -> jax.Array:
+    """``x`` as an array, checked to be floating point (an integer array would be squared, divided and summed in
+    integers, and give wrong values without a word; a complex one would be squared, not its modulus)."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be floating point (float32, bfloat16 or float64), got {x.dtype}: cast it first")
+    return x
+
+
+def _check_epsilon(epsilon: float) -> None:
+    if isinstance(epsilon, (int, float)) and not epsilon > 0:  # NaN too; a traced epsilon is the caller's
+        raise ValueError(f"epsilon must be > 0 (it keeps the gradient at 0 finite), got {epsilon}")
+
+
 def safe_norm(s: jax.Array, axis: int = -1, epsilon: float = 1e-7, keepdims: bool = False) -> jax.Array:
     """Euclidean norm with ``epsilon`` inside the square root: ``sqrt(sum(s**2, axis) + epsilon)``.
 
@@ -45,6 +63,8 @@ def safe_norm(s: jax.Array, axis: int = -1, epsilon: float = 1e-7, keepdims: boo
     Returns:
       The norms, ``s``'s shape without ``axis`` (or with it as 1), in ``s``'s dtype.
     """
+    s = floating(s, "safe_norm's input")
+    _check_epsilon(epsilon)
     x = s.astype(reduction_dtype(s.dtype))
     norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims) + epsilon)
     return norm.astype(s.dtype)
@@ -64,6 +84,8 @@ def squash(s: jax.Array, axis: int = -1, epsilon: float = 1e-7) -> jax.Array:
     Returns:
       The squashed vectors, same shape and dtype as ``s``.
     """
+    s = floating(s, "squash's input")
+    _check_epsilon(epsilon)
     x = s.astype(reduction_dtype(s.dtype))
     squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
     scale = squared_norm / (1.0 + squared_norm) / jnp.sqrt(squared_norm + epsilon)
@@ -82,6 +104,9 @@ def capsule_predictions(weights: jax.Array, u: jax.Array) -> jax.Array:
     Returns:
       ``u_hat`` of shape ``[..., n_in, n_out, d_out]``.
     """
+    weights, u = floating(weights, "weights"), floating(u, "capsules")
+    if weights.ndim != 4:
+        raise ValueError(f"weights must have shape [n_in, n_out, d_out, d_in], got {weights.shape}")
     n_in, _, _, d_in = weights.shape
     if u.ndim < 2 or u.shape[-2:] != (n_in, d_in):
         raise ValueError(f"capsules must have shape [..., {n_in}, {d_in}] for weights {weights.shape}, got {u.shape}")
@@ -91,8 +116,16 @@ def capsule_predictions(weights: jax.Array, u: jax.Array) -> jax.Array:
 def routing_inputs(u_hat: jax.Array, num_iterations: int, stop_gradient: bool, layout: str):
     """Checks routing's arguments; returns ``u_hat`` in the reduction dtype, and the copy the agreement logits see
     (stopped with ``stop_gradient``)."""
+    try:
+        num_iterations = operator.index(num_iterations)
+    except TypeError:
+        raise TypeError(
+            f"num_iterations must be a Python int, got {type(num_iterations).__name__} (under jax.jit, mark it static: "
+            "jax.jit(f, static_argnames='num_iterations'))"
+        ) from None
     if num_iterations < 1:
         raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+    u_hat = floating(u_hat, "u_hat")
     if u_hat.ndim < 3:
         raise ValueError(f"u_hat must have shape {layout}, got {u_hat.shape}")
     u = u_hat.astype(reduction_dtype(u_hat.dtype))
@@ -127,6 +160,9 @@ def dynamic_routing(
       ``[..., n_in, n_out]`` (float32 or wider) summing to 1 over ``n_out``.
     """
     u, u_for_logits = routing_inputs(u_hat, num_iterations, stop_gradient, "[..., n_in, n_out, d]")
+    num_iterations = operator.index(num_iterations)
+    if bias is not None and jnp.shape(bias) != u_hat.shape[-2:]:
+        raise ValueError(f"bias must have shape [n_out, d] = {list(u_hat.shape[-2:])}, got {list(jnp.shape(bias))}")
 
     def route(b, u):  # b: [..., n_in, n_out] -> c: [..., n_in, n_out], v: [..., n_out, d]
         c = jax.nn.softmax(b, axis=-1)  # over the parents j
@@ -146,12 +182,24 @@ def dynamic_routing(
 
 
 def _targets(labels: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-    """Class ids ``[...]`` or k-hot targets ``[..., k]`` as targets of ``shape`` ``[..., k]`` in ``dtype``."""
-    if labels.ndim == len(shape):
+    """Class ids ``[...]`` or k-hot targets ``[..., k]`` as targets of ``shape`` ``[..., k]`` in ``dtype``. Class ids
+    must be integers in ``[0, k)``: checked where they are concrete (outside ``jit``), as one-hot would give a row of
+    zeros for an id out of range and truncate a fractional one without a word."""
+    labels = jnp.asarray(labels)
+    if tuple(labels.shape) == tuple(shape):
         return labels.astype(dtype)
-    if labels.ndim == len(shape) - 1:
-        return jax.nn.one_hot(labels, shape[-1], dtype=dtype)
-    raise ValueError(f"labels {labels.shape} must be class ids [...] or targets [..., k] for scores {shape}")
+    if tuple(labels.shape) != tuple(shape[:-1]):
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must be class ids {tuple(shape[:-1])} or k-hot targets {tuple(shape)} for "
+            f"scores or capsules {tuple(shape)}"
+        )
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"class ids must be integers, got {labels.dtype} (k-hot targets have the scores' shape)")
+    if not isinstance(labels, jax.core.Tracer) and labels.size:
+        values = np.asarray(labels)
+        if values.min() < 0 or values.max() >= shape[-1]:
+            raise ValueError(f"class ids must lie in [0, {shape[-1]}), got values in [{values.min()}, {values.max()}]")
+    return jax.nn.one_hot(labels, shape[-1], dtype=dtype)
 
 
 def margin_loss(
@@ -173,6 +221,7 @@ def margin_loss(
     Returns:
       The loss per example, shape ``[...]``, in float32 or wider.
     """
+    lengths = floating(lengths, "lengths")
     x = lengths.astype(reduction_dtype(lengths.dtype))
     targets = _targets(labels, lengths.shape, x.dtype)
     present = targets * jnp.square(jnp.maximum(0.0, m_plus - x))
@@ -194,11 +243,16 @@ def reconstruction_loss(images: jax.Array, reconstructions: jax.Array, reduction
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    images = jnp.asarray(images)
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(f"images must be float in [0, 1], got {images.dtype}: divide uint8 images by 255")
+    reconstructions = floating(reconstructions, "reconstructions")
     if images.size != reconstructions.size or images.shape[:1] != reconstructions.shape[:1]:
         raise ValueError(f"images {images.shape} and reconstructions {reconstructions.shape} do not match")
     dtype = reduction_dtype(images.dtype, reconstructions.dtype)
-    x = images.reshape(images.shape[0], -1).astype(dtype)
-    y = reconstructions.reshape(images.shape[0], -1).astype(dtype)
+    pixels = math.prod(images.shape[1:])  # (not -1, which an empty batch can't resolve)
+    x = images.reshape(images.shape[0], pixels).astype(dtype)
+    y = reconstructions.reshape(images.shape[0], pixels).astype(dtype)
     squared_error = jnp.square(x - y)
     return jnp.sum(squared_error, axis=-1) if reduction == "sum" else jnp.mean(squared_error, axis=-1)
 
@@ -214,6 +268,7 @@ def mask_capsules(capsules: jax.Array, labels: jax.Array | None = None) -> jax.A
     Returns:
       Same shape and dtype as ``capsules``.
     """
+    capsules = floating(capsules, "capsules")
     if labels is None:
         labels = jnp.argmax(safe_norm(capsules, axis=-1), axis=-1)
     mask = _targets(labels, capsules.shape[:-1], capsules.dtype)

@@ -220,3 +220,55 @@ def test_bad_arguments_raise():
         capsjax.dynamic_routing(jnp.zeros((2, 3, 4)), 0)
     with pytest.raises(ValueError, match="n_in, n_out, d"):
         capsjax.dynamic_routing(jnp.zeros((3, 4)))
+
+
+def test_bad_inputs_to_the_pure_functions_are_clear_errors():
+    # each of these gave a silently wrong value (integer maths, out-of-range ids as "absent", [B, 1] ids read as
+    # k-hot targets, uint8 images compared with [0, 1] reconstructions) or an error from deep inside JAX
+    lengths = jnp.full((3, 10), 0.5)
+    with pytest.raises(TypeError, match="squash's input must be floating point"):
+        ops.squash(jnp.array([[3, 4, 0]]))
+    with pytest.raises(TypeError, match="safe_norm's input must be floating point"):
+        ops.safe_norm(jnp.array([[1j, 0, 0]]))
+    with pytest.raises(ValueError, match="epsilon must be > 0"):
+        ops.squash(jnp.ones((2, 3)), epsilon=-1.0)
+    with pytest.raises(ValueError, match=r"class ids must lie in \[0, 10\), got values in \[-1, 99\]"):
+        ops.margin_loss(lengths, jnp.array([10, -1, 99]))
+    with pytest.raises(TypeError, match="class ids must be integers, got float32"):
+        ops.margin_loss(lengths, jnp.array([3.7, 1.2, 0.0]))
+    with pytest.raises(ValueError, match=r"labels \(3, 1\) must be class ids \(3,\) or k-hot targets \(3, 10\)"):
+        ops.margin_loss(lengths, jnp.array([[1], [2], [3]]))
+    with pytest.raises(ValueError, match=r"labels \(4,\) must be class ids \(3,\)"):
+        ops.mask_capsules(jnp.ones((3, 10, 16)), jnp.array([1, 2, 3, 4]))
+    with pytest.raises(TypeError, match="images must be float in \\[0, 1\\], got uint8: divide uint8 images by 255"):
+        ops.reconstruction_loss(jnp.zeros((2, 28, 28, 1), jnp.uint8), jnp.zeros((2, 784)))
+    u_hat = jnp.ones((2, 5, 3, 4))
+    with pytest.raises(TypeError, match="num_iterations must be a Python int, got float"):
+        ops.dynamic_routing(u_hat, 3.0)
+    with pytest.raises(TypeError, match="mark it static"):
+        jax.jit(ops.dynamic_routing)(u_hat, 3)
+    with pytest.raises(ValueError, match=r"bias must have shape \[n_out, d\] = \[3, 4\], got \[4, 3\]"):
+        ops.dynamic_routing(u_hat, bias=jnp.ones((4, 3)))
+    with pytest.raises(TypeError, match="u_hat must be floating point"):
+        ops.dynamic_routing(u_hat.astype(jnp.int32))
+    with pytest.raises(ValueError, match=r"weights must have shape \[n_in, n_out, d_out, d_in\]"):
+        ops.capsule_predictions(jnp.ones((5, 3, 4)), jnp.ones((2, 5, 4)))
+    # what stays valid: lists, k-hot targets, ids under jit (not checked there), an empty batch
+    np.testing.assert_allclose(ops.margin_loss(lengths, [1, 2, 3]), ops.margin_loss(lengths, jnp.eye(10)[1:4]))
+    assert jax.jit(ops.margin_loss)(lengths, jnp.array([1, 2, 3])).shape == (3,)
+    assert ops.reconstruction_loss(jnp.zeros((0, 28, 28, 1)), jnp.zeros((0, 784))).shape == (0,)
+
+
+def test_models_refuse_integer_images_and_bad_sizes():
+    from flax import nnx
+
+    config = capsjax.ModelConfig(conv1_channels=8, primary_maps=2, decoder_hidden=(8,))
+    model = capsjax.build_model(config, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="CapsNet expects float images in \\[0, 1\\], got uint8: divide uint8 images"):
+        model(jnp.zeros((1, 28, 28, 1), jnp.uint8))
+    assert model(jnp.zeros((0, 28, 28, 1))).lengths.shape == (0, 10)  # an empty batch
+    for fields, message in (({"class_dim": 0}, "class_dim must be an int >= 1, got 0"),
+                            ({"routing_iterations": 2.5}, "routing_iterations must be an int >= 1, got 2.5"),
+                            ({"decoder_hidden": (-4,)}, r"decoder_hidden must hold ints >= 1, got \(-4,\)")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            capsjax.ModelConfig(**fields)

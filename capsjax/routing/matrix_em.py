@@ -47,11 +47,13 @@ The paper leaves several things open, and the public re-implementations disagree
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from capsjax.ops import reduction_dtype
+from capsjax.ops import floating, reduction_dtype
 from capsjax.routing._common import Routed, as_param, check_iterations
 
 
@@ -89,6 +91,7 @@ def em(
       ``n_out``.
     """
     check_iterations(num_iterations)
+    votes, activations = floating(votes, "EM routing: votes"), floating(activations, "EM routing: activations")
     lead = activations.shape[:-1]  # the children's activations fix where the pose axes start
     if activations.ndim < 1 or votes.ndim < activations.ndim + 2 or votes.shape[: activations.ndim] != activations.shape:
         raise ValueError(f"EM routing: votes [..., n_in, n_out, *pose] and activations [..., n_in] do not match: "
@@ -96,7 +99,7 @@ def em(
     n_in, n_out = votes.shape[len(lead) : len(lead) + 2]
     pose = votes.shape[len(lead) + 2 :]
     dtype = reduction_dtype(votes.dtype, activations.dtype)
-    v = votes.astype(dtype).reshape(*lead, n_in, n_out, -1)  # [..., i, j, H]
+    v = votes.astype(dtype).reshape(*lead, n_in, n_out, math.prod(pose))  # [..., i, j, H]
     a_in = activations.astype(dtype)[..., None]  # [..., i, 1]
     beta_u = as_param(beta_u, dtype, (n_out,), "beta_u")[:, None]  # [j, 1]
     beta_a = as_param(beta_a, dtype, (n_out,), "beta_a")
