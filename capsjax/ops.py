@@ -113,9 +113,8 @@ def capsule_predictions(weights: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.einsum("ijdk,...ik->...ijd", weights, u)
 
 
-def routing_inputs(u_hat: jax.Array, num_iterations: int, stop_gradient: bool, layout: str):
-    """Checks routing's arguments; returns ``u_hat`` in the reduction dtype, and the copy the agreement logits see
-    (stopped with ``stop_gradient``)."""
+def check_iterations(num_iterations: int) -> int:
+    """``num_iterations`` as an int >= 1 (it sets a loop's length: a Python int, static under ``jit``)."""
     try:
         num_iterations = operator.index(num_iterations)
     except TypeError:
@@ -125,6 +124,13 @@ def routing_inputs(u_hat: jax.Array, num_iterations: int, stop_gradient: bool, l
         ) from None
     if num_iterations < 1:
         raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+    return num_iterations
+
+
+def routing_inputs(u_hat: jax.Array, num_iterations: int, stop_gradient: bool, layout: str):
+    """Checks routing's arguments; returns ``u_hat`` in the reduction dtype, and the copy the agreement logits see
+    (stopped with ``stop_gradient``)."""
+    check_iterations(num_iterations)
     u_hat = floating(u_hat, "u_hat")
     if u_hat.ndim < 3:
         raise ValueError(f"u_hat must have shape {layout}, got {u_hat.shape}")
@@ -160,7 +166,7 @@ def dynamic_routing(
       ``[..., n_in, n_out]`` (float32 or wider) summing to 1 over ``n_out``.
     """
     u, u_for_logits = routing_inputs(u_hat, num_iterations, stop_gradient, "[..., n_in, n_out, d]")
-    num_iterations = operator.index(num_iterations)
+    num_iterations = check_iterations(num_iterations)
     if bias is not None and jnp.shape(bias) != u_hat.shape[-2:]:
         raise ValueError(f"bias must have shape [n_out, d] = {list(u_hat.shape[-2:])}, got {list(jnp.shape(bias))}")
 

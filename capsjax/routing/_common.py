@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from capsjax.ops import reduction_dtype
+from capsjax.ops import check_iterations, reduction_dtype
 
 
 class Routed(NamedTuple):
@@ -20,11 +20,6 @@ class Routed(NamedTuple):
     poses: jax.Array  # [..., n_out, *pose], in the votes' dtype
     activations: jax.Array | None  # [..., n_out] in [0, 1] (float32 or wider); None where the algorithm has none
     assignments: jax.Array  # [..., n_in, n_out], each child's routing weights, summing to 1 over n_out (float32+)
-
-
-def check_iterations(num_iterations: int) -> None:
-    if not isinstance(num_iterations, int) or num_iterations < 1:
-        raise ValueError(f"num_iterations must be a Python int >= 1, got {num_iterations!r}")
 
 
 def check_vector_votes(u_hat: jax.Array, name: str) -> jax.Array:
