@@ -45,8 +45,8 @@ def floating(x, name: str) -> jax.Array:
 
 
 def _check_epsilon(epsilon: float) -> None:
-    if isinstance(epsilon, (int, float)) and not epsilon > 0:  # NaN too; a traced epsilon is the caller's
-        raise ValueError(f"epsilon must be > 0 (it keeps the gradient at 0 finite), got {epsilon}")
+    if isinstance(epsilon, (int, float)) and not epsilon >= 0:  # NaN too; a traced epsilon is the caller's
+        raise ValueError(f"epsilon must be >= 0 (a positive one keeps the gradient at 0 finite), got {epsilon}")
 
 
 def safe_norm(s: jax.Array, axis: int = -1, epsilon: float = 1e-7, keepdims: bool = False) -> jax.Array:

@@ -230,8 +230,9 @@ def test_bad_inputs_to_the_pure_functions_are_clear_errors():
         ops.squash(jnp.array([[3, 4, 0]]))
     with pytest.raises(TypeError, match="safe_norm's input must be floating point"):
         ops.safe_norm(jnp.array([[1j, 0, 0]]))
-    with pytest.raises(ValueError, match="epsilon must be > 0"):
+    with pytest.raises(ValueError, match="epsilon must be >= 0"):
         ops.squash(jnp.ones((2, 3)), epsilon=-1.0)
+    np.testing.assert_allclose(ops.safe_norm(jnp.array([3.0, 4.0]), epsilon=0.0), 5.0)  # an exact norm: allowed
     with pytest.raises(ValueError, match=r"class ids must lie in \[0, 10\), got values in \[-1, 99\]"):
         ops.margin_loss(lengths, jnp.array([10, -1, 99]))
     with pytest.raises(TypeError, match="class ids must be integers, got float32"):
