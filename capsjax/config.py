@@ -16,13 +16,14 @@ from typing import Any
 
 from capsjax.files import read_json, write_atomic
 
-ARCHS = ("capsnet", "cnn", "efficient_capsnet")
+ARCHS = ("capsnet", "cnn", "efficient_capsnet")  # ModelConfig.arch: capsjax.model.MODELS (kept equal by a test)
+KERNELS = ("auto", "fast", "textbook")  # ModelConfig.kernels; "auto": "fast" on the CPU backend (capsjax.layers)
+PRECISIONS = ("float32", "mixed")  # ModelConfig.precision (capsjax.precision)
+# ModelConfig's sizes: ints >= 1 (checked when it is made)
 _POSITIVE_INTS = ("num_classes", "num_targets", "conv1_channels", "conv1_kernel", "primary_maps", "primary_dim",
                   "primary_kernel", "primary_stride", "class_dim", "routing_iterations", "cnn_kernel")  # fmt: skip
 _POSITIVE_INT_TUPLES = ("decoder_hidden", "cnn_hidden", "effcaps_stem_channels", "effcaps_stem_kernels",
-                        "effcaps_stem_strides")  # fmt: skip  # ModelConfig.arch: capsjax.model.MODELS (kept equal by a test)
-KERNELS = ("auto", "fast", "textbook")  # ModelConfig.kernels; "auto": "fast" on the CPU backend (capsjax.layers)
-PRECISIONS = ("float32", "mixed")  # ModelConfig.precision (capsjax.precision)
+                        "effcaps_stem_strides")  # fmt: skip
 ROUTINGS = ("dynamic", "em", "inverted_attention", "self_attention")  # ModelConfig.routing: capsjax.routing.ALGORITHMS
 AUGMENTATIONS = ("shift", "efficient_capsnet")  # TrainConfig.augmentation: capsjax.data.augment.train_augmentation
 

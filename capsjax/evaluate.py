@@ -180,7 +180,7 @@ def _load_weights(path: str | Path) -> Run:
     try:
         scored = json.loads(metadata.get("scored_sha256", "{}"))
     except ValueError:
-        raise weights.WeightsError(f"{path}: its scored_sha256 metadata is not JSON; export the weights again") from None
+        raise weights.WeightsError(f"{path}: its scored_sha256 metadata is not JSON; export it again") from None
     return Run(config, steps, params, int(metadata.get("step", 0)), "weights", scored)
 
 

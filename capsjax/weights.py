@@ -118,7 +118,9 @@ def read_weights(path: str | Path) -> tuple[TrainConfig, dict[str, np.ndarray], 
         raise WeightsError(f"{path} is not a capsjax weights file (format {metadata.get('format')!r}, not {FORMAT!r})")
     bad = next((name for name, value in arrays.items() if not np.isfinite(value).all()), None)
     if bad is not None:  # scored, they would give a NaN loss and chance accuracy without a word
-        raise WeightsError(f"{path}: {bad} holds NaN or infinite values; export the weights of a checkpoint that has none")
+        raise WeightsError(
+            f"{path}: {bad} holds NaN or infinite values; export the weights of a checkpoint that has none"
+        )
     try:
         config = from_dict(TrainConfig, json.loads(metadata["config"]))
     except (KeyError, json.JSONDecodeError, ConfigError) as err:
