@@ -35,12 +35,15 @@ def reduction_dtype(*dtypes) -> jnp.dtype:
     return jnp.dtype(jnp.float64 if any(jnp.dtype(d) == jnp.float64 for d in dtypes) else jnp.float32)
 
 
-def floating(x, name: str) -> jax.Array:
+def floating(
+    x, name: str, expected: str = "floating point (float32, bfloat16 or float64)", hint: str = "cast it first"
+) -> jax.Array:
     """``x`` as an array, checked to be floating point (an integer array would be squared, divided and summed in
-    integers, and give wrong values without a word; a complex one would be squared, not its modulus)."""
+    integers, and give wrong values without a word; a complex one would be squared, not its modulus); the error says
+    ``name`` must be ``expected`` and what to do, ``hint``."""
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must be floating point (float32, bfloat16 or float64), got {x.dtype}: cast it first")
+        raise TypeError(f"{name} must be {expected}, got {x.dtype}: {hint}")
     return x
 
 
@@ -128,14 +131,14 @@ def check_iterations(num_iterations: int) -> int:
 
 
 def routing_inputs(u_hat: jax.Array, num_iterations: int, stop_gradient: bool, layout: str):
-    """Checks routing's arguments; returns ``u_hat`` in the reduction dtype, and the copy the agreement logits see
-    (stopped with ``stop_gradient``)."""
-    check_iterations(num_iterations)
+    """Checks routing's arguments; returns ``num_iterations`` as an int, ``u_hat`` in the reduction dtype, and the copy
+    the agreement logits see (stopped with ``stop_gradient``)."""
+    num_iterations = check_iterations(num_iterations)
     u_hat = floating(u_hat, "u_hat")
     if u_hat.ndim < 3:
         raise ValueError(f"u_hat must have shape {layout}, got {u_hat.shape}")
     u = u_hat.astype(reduction_dtype(u_hat.dtype))
-    return u, (lax.stop_gradient(u) if stop_gradient else u)
+    return num_iterations, u, (lax.stop_gradient(u) if stop_gradient else u)
 
 
 def dynamic_routing(
@@ -165,8 +168,7 @@ def dynamic_routing(
       ``v`` of shape ``[..., n_out, d]`` in ``u_hat``'s dtype, or ``(v, c)`` with ``c`` of shape
       ``[..., n_in, n_out]`` (float32 or wider) summing to 1 over ``n_out``.
     """
-    u, u_for_logits = routing_inputs(u_hat, num_iterations, stop_gradient, "[..., n_in, n_out, d]")
-    num_iterations = check_iterations(num_iterations)
+    num_iterations, u, u_for_logits = routing_inputs(u_hat, num_iterations, stop_gradient, "[..., n_in, n_out, d]")
     if bias is not None and jnp.shape(bias) != u_hat.shape[-2:]:
         raise ValueError(f"bias must have shape [n_out, d] = {list(u_hat.shape[-2:])}, got {list(jnp.shape(bias))}")
 
@@ -249,9 +251,7 @@ def reconstruction_loss(images: jax.Array, reconstructions: jax.Array, reduction
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-    images = jnp.asarray(images)
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise TypeError(f"images must be float in [0, 1], got {images.dtype}: divide uint8 images by 255")
+    images = floating(images, "images", "float in [0, 1]", "divide uint8 images by 255")
     reconstructions = floating(reconstructions, "reconstructions")
     if images.size != reconstructions.size or images.shape[:1] != reconstructions.shape[:1]:
         raise ValueError(f"images {images.shape} and reconstructions {reconstructions.shape} do not match")

@@ -80,7 +80,7 @@ def parent_major_routing(u_hat: jax.Array, num_iterations: int = 3, stop_gradien
       ``v`` ``[..., n_out, d]`` in ``u_hat``'s dtype, or ``(v, c)`` with ``c`` ``[..., n_in, n_out]`` (children
       first, as ``capsjax.ops.dynamic_routing`` returns it).
     """
-    u, u_for_logits = routing_inputs(u_hat, num_iterations, stop_gradient, "[..., n_out, n_in, d]")
+    num_iterations, u, u_for_logits = routing_inputs(u_hat, num_iterations, stop_gradient, "[..., n_out, n_in, d]")
     n_out = u.shape[-3]
 
     def parents(s):  # s: [..., n_out, d]
