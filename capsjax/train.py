@@ -31,7 +31,7 @@ from capsjax.evaluate import StopRequested, evaluate_arrays, predict_arrays
 from capsjax.files import write_atomic
 from capsjax.reporting import Console, TensorBoard, Window
 from capsjax.steps import Steps, default_mesh, init_state, make_steps, wait_for_queue
-from capsjax.workdir import DIVERGED, MetricsLog, WorkdirLock, apply_resume_rules
+from capsjax.workdir import DIVERGED, MetricsLog, WorkdirLock, apply_resume_rules, check_workdir
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients became NaN or infinite."""
@@ -78,17 +78,12 @@ def train_and_evaluate(
     ``workdir`` and returns the results dict. ``should_stop()`` is polled every step (and between evaluation batches):
     when it returns True the run saves and raises :class:`Preempted`; a multi-process run instead stops at JAX's
     preemption sync point, on which every process agrees. Raises :class:`~capsjax.workdir.WorkdirBusy` if another run
-    holds ``workdir``, :class:`~capsjax.config.ConfigError` for settings that can't resume the run in ``workdir``,
+    holds ``workdir``, :class:`~capsjax.config.ConfigError` for settings that can't resume the run in ``workdir`` or
+    a ``workdir`` that holds other files (:func:`~capsjax.workdir.check_workdir`),
     :class:`TrainingDiverged` if the loss blows up.
     """
     workdir = Path(workdir)
-    # a collected results folder (record.json, no checkpoints): training there would replace its metrics and leave its
-    # evaluations and record beside them
-    if (workdir / "record.json").exists() and not (workdir / "checkpoints").exists():
-        raise ConfigError(
-            f"{workdir} is a results folder (its record.json was written by python -m capsjax.results collect): train "
-            "in a work directory outside results/, e.g. ~/capsjax-runs/NAME, and collect it from there"
-        )
+    check_workdir(workdir)  # a new or empty folder, or a run's: never among other files
     mesh = default_mesh()  # 1. devices and mesh
     if config.batch_size % mesh.size or config.eval_batch_size % mesh.size:
         raise ConfigError(

@@ -1,5 +1,6 @@
 """What a work directory holds besides the checkpoints: its lock, ``metrics.jsonl``, and the rules for resuming.
 
+- :func:`check_workdir`: a run trains in a new or empty folder, or in a run's own; never among other files.
 - :class:`WorkdirLock`: one run per work directory (``<workdir>/LOCK`` with the owner's host and pid, taken atomically;
   a lock left by a dead process of the same host is taken over).
 - :class:`MetricsLog`: ``metrics.jsonl``; on resume, the entries after the restored step are dropped, so the file
@@ -227,6 +228,44 @@ def check_resume(previous: TrainConfig, current: TrainConfig, workdir: Path, all
             f"{workdir} holds a run with other settings ({listed}); rerun with its settings to resume "
             f"(see {workdir / 'config.json'}), or start a new run with another --workdir"
         )
+
+
+# what a capsjax run writes first (the lock, then config.json; metrics and checkpoints follow): a folder holding none of
+# them is not a run of ours
+RUN_FILES = ("LOCK", "config.json", "metrics.jsonl", "checkpoints")
+
+
+def check_workdir(workdir: Path) -> None:
+    """Refuses to train in ``workdir`` unless it is new, empty, or a capsjax run's: a folder of other files (a
+    project, the home folder, a data folder) would get checkpoints and metrics written among its files, and a
+    ``config.json`` of its own replaced; a collected results folder (``record.json``, no checkpoints) would get its
+    metrics replaced beside its evaluations."""
+    if not workdir.exists():
+        return
+    if not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file: pass a folder (new, empty, or a capsjax run's)")
+    if (workdir / "record.json").exists() and not (workdir / "checkpoints").exists():
+        raise ConfigError(
+            f"{workdir} is a results folder (its record.json was written by python -m capsjax.results collect): train "
+            "in a work directory outside results/, e.g. ~/capsjax-runs/NAME, and collect it from there"
+        )
+    names = sorted(p.name for p in workdir.iterdir())
+    if not names:
+        return
+    if not any(name in RUN_FILES or name.startswith("LOCK.") for name in names):  # LOCK.stale-PID: a lock taken over
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ConfigError(
+            f"{workdir} holds other files ({shown}) and no capsjax run: train in a new or empty folder, e.g. "
+            "~/capsjax-runs/NAME"
+        )
+    config = workdir / "config.json"
+    if config.exists() and not _has_checkpoints(workdir):  # replaced when the run starts: only our own
+        try:
+            load_config(config)
+        except ConfigError as error:
+            raise ConfigError(
+                f"{workdir} holds a config.json that is not a capsjax run's ({error}); train in a new or empty folder"
+            ) from None
 
 
 def apply_resume_rules(

@@ -244,6 +244,24 @@ def test_non_finite_loss_stops_training(tmp_path):
         train_and_evaluate(config, tmp_path)
 
 
+def test_training_among_other_files_is_refused_and_leaves_them_alone(tmp_path):
+    # --workdir . in a project (or ~) trained there: checkpoints and metrics among the user's files, and the project's
+    # own config.json replaced by the run's
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"holds other files \(notes.txt\) and no capsjax run: train in a new or"):
+        train_and_evaluate(SMOKE, project)
+    (project / "config.json").write_text('{"name": "my project"}')
+    with pytest.raises(ConfigError, match="holds a config.json that is not a capsjax run's .unknown TrainConfig field"):
+        train_and_evaluate(SMOKE, project)
+    assert sorted(p.name for p in project.iterdir()) == ["config.json", "notes.txt"]
+    assert (project / "config.json").read_text() == '{"name": "my project"}'
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file: pass a folder"):
+        train_and_evaluate(SMOKE, tmp_path / "file")
+
+
 def _run(script, *args, cwd, env=None):
     env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True, text=True)
