@@ -119,6 +119,8 @@ def capsule_predictions(weights: jax.Array, u: jax.Array) -> jax.Array:
 def check_iterations(num_iterations: int) -> int:
     """``num_iterations`` as an int >= 1 (it sets a loop's length: a Python int, static under ``jit``)."""
     try:
+        if isinstance(num_iterations, bool):  # an int to Python, and 1 iteration for True
+            raise TypeError
         num_iterations = operator.index(num_iterations)
     except TypeError:
         raise TypeError(
@@ -168,9 +170,12 @@ def dynamic_routing(
       ``v`` of shape ``[..., n_out, d]`` in ``u_hat``'s dtype, or ``(v, c)`` with ``c`` of shape
       ``[..., n_in, n_out]`` (float32 or wider) summing to 1 over ``n_out``.
     """
+    u_hat = jnp.asarray(u_hat)
     num_iterations, u, u_for_logits = routing_inputs(u_hat, num_iterations, stop_gradient, "[..., n_in, n_out, d]")
-    if bias is not None and jnp.shape(bias) != u_hat.shape[-2:]:
-        raise ValueError(f"bias must have shape [n_out, d] = {list(u_hat.shape[-2:])}, got {list(jnp.shape(bias))}")
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if bias.shape != u.shape[-2:]:
+            raise ValueError(f"bias must have shape [n_out, d] = {list(u.shape[-2:])}, got {list(bias.shape)}")
 
     def route(b, u):  # b: [..., n_in, n_out] -> c: [..., n_in, n_out], v: [..., n_out, d]
         c = jax.nn.softmax(b, axis=-1)  # over the parents j

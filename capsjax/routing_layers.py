@@ -124,7 +124,7 @@ class CapsuleLayer(nnx.Module):
         if self.routing == "dynamic":
             return algorithms.dynamic(u_hat, self.num_iterations)
         if self.routing == "self_attention":
-            return algorithms.self_attention(u_hat, self.log_priors[...])
+            return algorithms.self_attention(u_hat, log_priors=self.log_priors[...])
         out = algorithms.inverted_attention(u_hat, self.num_iterations, scale=self.ln_scale[...],
                                          offset=self.ln_offset[...])  # fmt: skip
         poses = out.poses.astype(ops.reduction_dtype(out.poses.dtype))

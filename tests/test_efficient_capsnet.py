@@ -66,7 +66,7 @@ def test_forward_follows_the_contract_and_routes_by_self_attention():
     for conv, norm in zip(model.convs, model.norms):
         x = norm(jax.nn.relu(conv(x)), use_running_average=True)
     u_hat = capsjax.capsule_predictions(model.classes.W[...], model.primary(x))
-    np.testing.assert_allclose(out.capsules, routing.self_attention(u_hat, model.classes.log_priors[...]).poses,
+    np.testing.assert_allclose(out.capsules, routing.self_attention(u_hat, log_priors=model.classes.log_priors[...]).poses,
                                rtol=1e-5, atol=1e-6)  # fmt: skip
     terms = model.per_example_losses(labelled, images, labels, capsjax.config.LossConfig())
     assert set(terms) == {"margin_loss", "recon_loss", "loss"} and terms["loss"].shape == (3,)

@@ -29,7 +29,7 @@ def run(name, u, **params):
         return routing.inverted_attention(u, params.get("iterations", 2), scale=params.get("scale"),
                                           offset=params.get("offset"))  # fmt: skip
     if name == "self_attention":
-        return routing.self_attention(u, params.get("log_priors"))
+        return routing.self_attention(u, log_priors=params.get("log_priors"))
     return routing.dynamic(u, params.get("iterations", 3))
 
 
@@ -132,7 +132,7 @@ def test_self_attention_matches_reference_with_the_full_attention_matrix(with_pr
     u_hat = RNG.normal(size=(3, 10, 4, 6)) * 0.3
     priors = RNG.normal(size=(10, 4)) * 0.2 if with_priors else np.zeros((10, 4))
     with jax.enable_x64(True):
-        out = routing.self_attention(jnp.asarray(u_hat), jnp.asarray(priors) if with_priors else None)
+        out = routing.self_attention(jnp.asarray(u_hat), log_priors=jnp.asarray(priors) if with_priors else None)
     v_ref, c_ref = np_self_attention(u_hat, priors)
     np.testing.assert_allclose(out.poses, v_ref, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(out.assignments, c_ref, rtol=1e-9, atol=1e-12)
@@ -158,7 +158,7 @@ GRADIENT_CASES = {  # name -> (function of arrays, its float64 arguments)
         (RNG.normal(size=(2, 5, 3, 4)), RNG.normal(size=4), RNG.normal(size=4)),
     ),
     "self_attention": lambda: (
-        lambda u, b: routing.self_attention(u, b).poses,
+        lambda u, b: routing.self_attention(u, log_priors=b).poses,
         (RNG.normal(size=(2, 5, 3, 4)) * 0.3, RNG.normal(size=(5, 3)) * 0.1),
     ),
 }
@@ -245,6 +245,55 @@ def test_get_and_bad_arguments():
         routing.em(jnp.zeros((2, 5, 3, 4, 4)), jnp.zeros((2, 5)), jnp.zeros(4))
 
 
+def test_misuse_is_a_clear_error_not_a_wrong_result():
+    # each of these was a silent wrong result, a NaN, or an error from deep inside JAX
+    u = jnp.asarray(RNG.normal(size=(2, 5, 3, 4)), jnp.float32)
+    votes, acts = jnp.asarray(RNG.normal(size=(2, 5, 3, 2, 2)), jnp.float32), jnp.full((2, 5), 0.5)
+    with pytest.raises(TypeError, match="positional"):  # was log_priors=3, added to every coupling weight
+        routing.get("self_attention")(u, 3)
+    with pytest.raises(ValueError, match="do not match"):  # was "activations must be floating point ... int32"
+        routing.get("em")(votes, 3)
+    with pytest.raises(ValueError, match=r"probabilities in \[0, 1\].*logits\?"):  # all-NaN poses
+        routing.em(votes, jnp.asarray(RNG.normal(size=(2, 5)), jnp.float32))
+    for bad in ({"epsilon": 0.0}, {"epsilon": -1.0}, {"final_inverse_temperature": 0.0},
+                {"final_inverse_temperature": float("nan")}, {"cost_scale": -1.0}):  # fmt: skip
+        with pytest.raises(ValueError, match="must be a finite number > 0"):
+            routing.em(votes, acts, **bad)
+    with pytest.raises(ValueError, match="at least one child"):  # ZeroDivisionError
+        routing.em(jnp.zeros((2, 0, 3, 2, 2)), jnp.zeros((2, 0)))
+    one_layer = [lambda x: jnp.broadcast_to(x[..., None, :], (*x.shape[:-1], 3, x.shape[-1]))]
+    for fn in (
+        lambda: routing.inverted_attention(u, epsilon=-10.0),
+        lambda: routing.layer_norm(jnp.ones(4), epsilon=0.0),
+        lambda: routing.concurrent_inverted_attention(u[:, :, 0], one_layer, epsilon=-1.0),
+    ):
+        with pytest.raises(ValueError, match="epsilon must be a finite number > 0"):
+            fn()
+    with pytest.raises(TypeError, match=r"a list of functions.*pass \[vote_fn\]"):
+        routing.concurrent_inverted_attention(u[:, :, 0], one_layer[0])
+    with pytest.raises(TypeError, match="exp_squash's input must be floating point"):  # was [0 0]
+        routing.exp_squash(jnp.array([3, 4]))
+    for name in ("dynamic", "inverted_attention", "self_attention"):  # the same TypeError as capsjax.ops
+        with pytest.raises(TypeError, match="votes must be floating point"):
+            routing.get(name)(jnp.zeros((2, 5, 3, 4), jnp.int32))
+    with pytest.raises(TypeError, match="num_iterations must be a Python int, got bool"):
+        routing.dynamic(u, True)
+    with pytest.raises(ValueError, match=r"weights must have shape \[n_in, n_out, k, q\]"):
+        routing.matrix_votes(jnp.zeros((5, 3, 2)), jnp.zeros((2, 5, 2, 2)))
+    with pytest.raises(TypeError, match="weights must be floating point"):
+        routing.matrix_votes(jnp.zeros((5, 3, 2, 2), jnp.int32), jnp.zeros((2, 5, 2, 2)))
+    # nested lists work wherever arrays do (they failed with AttributeError)
+    as_list = np.asarray(u).tolist()
+    np.testing.assert_allclose(routing.dynamic(as_list).poses, routing.dynamic(u).poses, rtol=1e-6)
+    bias = [[0.1] * 4] * 3
+    expected = ops.dynamic_routing(u, bias=jnp.asarray(bias))
+    np.testing.assert_allclose(ops.dynamic_routing(as_list, bias=bias), expected, rtol=1e-6)
+    for name in ("self_attention", "inverted_attention"):
+        np.testing.assert_allclose(routing.get(name)(as_list).poses, routing.get(name)(u).poses, rtol=1e-6)
+    w, m = RNG.normal(size=(5, 3, 2, 2)).astype(np.float32), RNG.normal(size=(2, 5, 2, 2)).astype(np.float32)
+    np.testing.assert_allclose(routing.matrix_votes(w.tolist(), m.tolist()), routing.matrix_votes(w, m), rtol=1e-6)
+
+
 # --- a short training run per algorithm --------------------------------------------------------------------------------
 
 
@@ -273,7 +322,7 @@ def test_training_lowers_the_loss(name):
             v = routing.inverted_attention(u_hat, 2, scale=p["scale"], offset=p["offset"]).poses
             return jax.nn.sigmoid(v @ p["readout"] + p["readout_bias"])
         if name == "self_attention":
-            return routing.self_attention(u_hat, p["log_priors"]).activations
+            return routing.self_attention(u_hat, log_priors=p["log_priors"]).activations
         return routing.dynamic(u_hat, 3).activations
 
     def loss(p):

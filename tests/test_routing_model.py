@@ -66,7 +66,7 @@ def test_capsule_layer_parameters_and_values_per_algorithm():
     assert set(nnx.state(layers["inverted_attention"], nnx.Param)) == {"W", "ln_scale", "ln_offset", "readout",
                                                                        "readout_bias"}  # fmt: skip
     layer = layers["self_attention"]
-    expected = routing.self_attention(capsjax.capsule_predictions(layer.W[...], u), layer.log_priors[...])
+    expected = routing.self_attention(capsjax.capsule_predictions(layer.W[...], u), log_priors=layer.log_priors[...])
     np.testing.assert_allclose(layer(u).poses, expected.poses, rtol=1e-6)
     layer = layers["inverted_attention"]
     out = layer(u)

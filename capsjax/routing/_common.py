@@ -7,7 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from capsjax.ops import check_iterations, reduction_dtype
+from capsjax.ops import check_iterations, floating, reduction_dtype
 
 
 class Routed(NamedTuple):
@@ -23,12 +23,19 @@ class Routed(NamedTuple):
 
 
 def check_vector_votes(u_hat: jax.Array, name: str) -> jax.Array:
-    """``u_hat`` ``[..., n_in, n_out, d]`` in the reduction dtype (float32 for bfloat16 votes)."""
+    """``u_hat`` ``[..., n_in, n_out, d]`` (an array or nested lists) in the reduction dtype (float32 for bfloat16
+    votes); a ValueError for another shape, a TypeError for integer or complex votes (as :mod:`capsjax.ops`)."""
+    u_hat = floating(u_hat, f"{name}: votes")
     if u_hat.ndim < 3:
         raise ValueError(f"{name}: votes must have shape [..., n_in, n_out, d], got {u_hat.shape}")
-    if not jnp.issubdtype(u_hat.dtype, jnp.floating):
-        raise ValueError(f"{name}: votes must be floating point, got {u_hat.dtype}")
     return u_hat.astype(reduction_dtype(u_hat.dtype))
+
+
+def check_positive(value, name: str, why: str) -> None:
+    """A Python number that must be > 0 (and finite); ``why`` says what goes wrong otherwise. A traced value is the
+    caller's."""
+    if isinstance(value, (int, float)) and not 0 < value < float("inf"):  # NaN too
+        raise ValueError(f"{name} must be a finite number > 0 ({why}), got {value}")
 
 
 def as_param(value, dtype, shape: tuple[int, ...], name: str) -> jax.Array:
@@ -41,7 +48,10 @@ def as_param(value, dtype, shape: tuple[int, ...], name: str) -> jax.Array:
 
 
 def layer_norm(x: jax.Array, scale=None, offset=None, epsilon: float = 1e-5) -> jax.Array:
-    """Layer normalization over the last axis (Ba et al., 2016): ``(x - mean) / sqrt(var + epsilon) * scale + offset``."""
+    """Layer normalization over the last axis (Ba et al., 2016): ``(x - mean) / sqrt(var + epsilon) * scale + offset``;
+    ``epsilon > 0`` (a constant ``x`` has variance 0)."""
+    check_positive(epsilon, "epsilon", "a constant input has variance 0: 0 / 0")
+    x = floating(x, "layer_norm's input")
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     y = (x - mean) / jnp.sqrt(var + epsilon)

@@ -25,7 +25,8 @@ def dynamic(
       bias: optional ``[n_out, d]`` added to ``s_j`` (the authors' released code; not in the paper).
 
     Returns:
-      :class:`Routed`: poses ``v`` ``[..., n_out, d]`` (votes' dtype), activations ``|v_j|`` ``[..., n_out]``,
+      :class:`Routed`: poses ``v`` ``[..., n_out, d]`` (votes' dtype), activations ``|v_j|`` ``[..., n_out]``
+      (:func:`~capsjax.ops.safe_norm`: ``sqrt(|v_j|^2 + 1e-7)``, about 3e-4 for ``v_j = 0``),
       assignments = the last coupling coefficients ``c`` ``[..., n_in, n_out]``.
     """
     check_iterations(num_iterations)

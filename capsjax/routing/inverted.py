@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from capsjax.routing._common import Routed, check_iterations, check_vector_votes, layer_norm
+from capsjax.routing._common import Routed, check_iterations, check_positive, check_vector_votes, layer_norm
 
 
 def _step(u: jax.Array, v: jax.Array | None, scale, offset, epsilon):
@@ -54,13 +54,14 @@ def inverted_attention(
       u_hat: votes ``[..., n_in, n_out, d]`` (float32, float64 or bfloat16; the sums run in float32 or wider).
       num_iterations: routing iterations, the first one uniform (2 in the paper's CIFAR experiments).
       scale, offset: Layer Normalization's learned ``[d]`` (None: 1 and 0).
-      epsilon: Layer Normalization's variance epsilon.
+      epsilon: Layer Normalization's variance epsilon (> 0).
 
     Returns:
       :class:`Routed`: poses ``v`` ``[..., n_out, d]`` (votes' dtype), activations None (the paper reads classes
       from the poses with a linear layer), assignments ``r`` ``[..., n_in, n_out]`` of the last iteration.
     """
     check_iterations(num_iterations)
+    check_positive(epsilon, "epsilon", "Layer Normalization divides by sqrt(variance + epsilon)")
     u = check_vector_votes(u_hat, "inverted attention routing")
 
     def iteration(_, carry):
@@ -68,7 +69,7 @@ def inverted_attention(
 
     carry = _step(u, None, scale, offset, epsilon)
     v, r = lax.fori_loop(0, num_iterations - 1, iteration, carry)
-    return Routed(v.astype(u_hat.dtype), None, r)
+    return Routed(v.astype(jnp.asarray(u_hat).dtype), None, r)
 
 
 def concurrent_inverted_attention(
@@ -91,12 +92,15 @@ def concurrent_inverted_attention(
       vote_fns: one pure function per layer, poses ``[..., n_l, d_l]`` -> votes ``[..., n_l, n_{l+1}, d_{l+1}]``.
       num_iterations: routing iterations, the first one uniform.
       scales, offsets: per layer, Layer Normalization's ``[d_{l+1}]`` (or None).
-      epsilon: Layer Normalization's variance epsilon.
+      epsilon: Layer Normalization's variance epsilon (> 0).
 
     Returns:
       The poses of every layer after ``x``, ``[v^1, ..., v^L]`` (float32 or wider).
     """
     check_iterations(num_iterations)
+    check_positive(epsilon, "epsilon", "Layer Normalization divides by sqrt(variance + epsilon)")
+    if callable(vote_fns):
+        raise TypeError("vote_fns must be a list of functions, one per layer: for one layer, pass [vote_fn]")
     depth = len(vote_fns)
     if depth < 1:
         raise ValueError("concurrent_inverted_attention needs at least one layer (vote_fns)")

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from capsjax.ops import floating, reduction_dtype
-from capsjax.routing._common import Routed, as_param, check_iterations
+from capsjax.routing._common import Routed, as_param, check_iterations, check_positive
 
 
 def inverse_temperature(t, final_inverse_temperature: float = 1.0, dtype=jnp.float32) -> jax.Array:
@@ -78,12 +78,13 @@ def em(
 
     Args:
       votes: ``V`` ``[..., n_in, n_out, *pose]``, e.g. pose ``(4, 4)``; the ``H`` pose entries are routed as a vector.
-      activations: the children's ``a_i`` ``[..., n_in]`` in ``[0, 1]``.
+      activations: the children's ``a_i`` ``[..., n_in]`` in ``[0, 1]`` (checked where concrete, not under ``jit``).
       beta_u, beta_a: learned offsets of the cost and of the activation, scalars or ``[n_out]``.
       num_iterations: EM iterations (3 in the paper): as many M-steps, with an E-step between each two.
-      final_inverse_temperature: ``final_lambda`` of the schedule ``lambda_t = final_lambda (1 - 0.95^(t+1))``.
-      cost_scale: multiplies ``sum_i R_ij a_i`` in the cost; ``None``: ``n_out / n_in``.
-      epsilon: added to ``sum_i R_ij a_i`` before dividing and to the variances.
+      final_inverse_temperature: ``final_lambda > 0`` of the schedule ``lambda_t = final_lambda (1 - 0.95^(t+1))``:
+        its limit, not the last ``lambda`` used (about 0.14 ``final_lambda`` at 3 iterations).
+      cost_scale: ``> 0``, multiplies ``sum_i R_ij a_i`` in the cost; ``None``: ``n_out / n_in``.
+      epsilon: ``> 0``, added to ``sum_i R_ij a_i`` before dividing and to the variances.
 
     Returns:
       :class:`Routed`: poses ``mu`` ``[..., n_out, *pose]`` (votes' dtype), activations ``a_j`` ``[..., n_out]``,
@@ -91,12 +92,26 @@ def em(
       ``n_out``.
     """
     check_iterations(num_iterations)
-    votes, activations = floating(votes, "EM routing: votes"), floating(activations, "EM routing: activations")
+    check_positive(epsilon, "EM routing: epsilon", "it keeps the variances and the division by sum_i R_ij a_i > 0")
+    check_positive(final_inverse_temperature, "EM routing: final_inverse_temperature", "0 makes every a_j 0.5")
+    if cost_scale is not None:
+        check_positive(cost_scale, "EM routing: cost_scale", "None: n_out / n_in")
+    votes, activations = jnp.asarray(votes), jnp.asarray(activations)
     lead = activations.shape[:-1]  # the children's activations fix where the pose axes start
     if activations.ndim < 1 or votes.ndim < activations.ndim + 2 or votes.shape[: activations.ndim] != activations.shape:
         raise ValueError(f"EM routing: votes [..., n_in, n_out, *pose] and activations [..., n_in] do not match: "
                          f"{votes.shape} and {activations.shape}")  # fmt: skip
+    votes, activations = floating(votes, "EM routing: votes"), floating(activations, "EM routing: activations")
     n_in, n_out = votes.shape[len(lead) : len(lead) + 2]
+    if n_in == 0 or n_out == 0:
+        raise ValueError(f"EM routing needs at least one child and one parent capsule, got votes {votes.shape}")
+    if not isinstance(activations, jax.core.Tracer) and activations.size:  # checked where concrete (not under jit)
+        low, high = float(jnp.min(activations)), float(jnp.max(activations))
+        if not 0.0 <= low <= high <= 1.0:  # NaN too
+            raise ValueError(
+                f"EM routing: activations must be probabilities in [0, 1], got values in [{low:g}, {high:g}] "
+                "(logits? pass jax.nn.sigmoid of them)"
+            )
     pose = votes.shape[len(lead) + 2 :]
     dtype = reduction_dtype(votes.dtype, activations.dtype)
     v = votes.astype(dtype).reshape(*lead, n_in, n_out, math.prod(pose))  # [..., i, j, H]
@@ -139,6 +154,9 @@ def matrix_votes(weights: jax.Array, poses: jax.Array) -> jax.Array:
     Returns:
       ``[..., n_in, n_out, p, q]``.
     """
+    weights, poses = floating(weights, "matrix_votes: weights"), floating(poses, "matrix_votes: poses")
+    if weights.ndim != 4:
+        raise ValueError(f"matrix_votes: weights must have shape [n_in, n_out, k, q], got {weights.shape}")
     n_in, _, k, _ = weights.shape
     if poses.ndim < 3 or poses.shape[-3] != n_in or poses.shape[-1] != k:
         raise ValueError(f"poses must have shape [..., {n_in}, p, {k}] for weights {weights.shape}, got {poses.shape}")
