@@ -69,11 +69,16 @@ class BaselineCNN(nnx.Module):
         widths = (height * width * config.cnn_channels[-1], *config.cnn_hidden)
         self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
         self.out = nnx.Linear(widths[-1], config.num_classes, rngs=rngs)
+        self.deterministic = True  # NNX's model.train() sets it False: dropout then needs a key
 
     def __call__(
         self, images: jax.Array, targets: jax.Array | None = None, *, key: jax.Array | None = None
     ) -> CNNOutput:
-        """``targets`` are not used (the contract passes them); ``key`` switches dropout on (training)."""
+        """``targets`` are not used (the contract passes them); ``key`` switches dropout on (training). After
+        ``model.train()`` a ``key`` is required (NNX's training mode without one would silently skip dropout)."""
+        if key is None and not self.deterministic:
+            raise ValueError("BaselineCNN is in training mode (model.train()): pass key=... for its dropout, or call "
+                             "model.eval()")  # fmt: skip
         check_images(images, self.config.image_shape, "BaselineCNN")
         x = images.astype(jnp.float32)
         for conv in self.convs:

@@ -24,6 +24,14 @@ _POSITIVE_INTS = ("num_classes", "num_targets", "conv1_channels", "conv1_kernel"
                   "primary_kernel", "primary_stride", "class_dim", "routing_iterations", "cnn_kernel")  # fmt: skip
 _POSITIVE_INT_TUPLES = ("decoder_hidden", "cnn_hidden", "effcaps_stem_channels", "effcaps_stem_kernels",
                         "effcaps_stem_strides")  # fmt: skip
+_BOOLS = ("routing_stop_gradient", "routing_bias", "use_decoder")
+_REALS = ("routing_init_std", "routing_em_inverse_temperature", "cnn_dropout")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 ROUTINGS = ("dynamic", "em", "inverted_attention", "self_attention")  # ModelConfig.routing: capsjax.routing.ALGORITHMS
 AUGMENTATIONS = ("shift", "efficient_capsnet")  # TrainConfig.augmentation: capsjax.data.augment.train_augmentation
 
@@ -103,15 +111,22 @@ class ModelConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {list(ARCHS)}, got {self.arch!r}")
-        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
-            raise ValueError(f"image_shape must be (height, width, channels), got {self.image_shape}")
+        if len(self.image_shape) != 3 or not all(_is_int(v) and v >= 1 for v in self.image_shape):
+            raise ValueError(f"image_shape must be (height, width, channels), ints >= 1, got {self.image_shape}")
         for name in _POSITIVE_INTS:  # a 0 divided by zero deep in the layers; 2.5 iterations failed at the first call
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         for name in _POSITIVE_INT_TUPLES:
-            if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in getattr(self, name)):
+            if any(not _is_int(v) or v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name} must hold ints >= 1, got {getattr(self, name)!r}")
+        for name in _BOOLS:  # the string "false" is true
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in _REALS:  # a NaN or infinite one made every output NaN
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not 1 <= self.num_targets <= self.num_classes:
             raise ValueError(f"num_targets must lie in [1, num_classes={self.num_classes}], got {self.num_targets}")
         if self.precision not in PRECISIONS:
@@ -617,5 +632,5 @@ def load_config(path: Path) -> TrainConfig:
     path = Path(path)
     try:
         return from_dict(TrainConfig, read_json(path, "restore it, or start a new run in another folder", ConfigError))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (NotADirectoryError: its folder is a file)
         raise ConfigError(f"{path} not found: is this a capsjax work directory?") from None

@@ -61,17 +61,19 @@ class DepthwisePrimaryCapsules(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.einsum("bhwc,hwc->bc", x, self.kernel[...].astype(x.dtype)).astype(jnp.float32)
         y = y + jnp.broadcast_to(self.bias[...], y.shape)
-        return routing.exp_squash(y.reshape(y.shape[0], -1, self.capsule_dim))
+        return routing.exp_squash(y.reshape(y.shape[0], y.shape[1] // self.capsule_dim, self.capsule_dim))
 
 
 class EfficientCapsNet(nnx.Module):
     """Efficient-CapsNet (module docstring) for ``config.arch == "efficient_capsnet"``; the defaults are the paper's
     MNIST model. It reads ``image_shape``, ``num_classes``, ``effcaps_stem_*``, ``primary_dim``, ``class_dim``,
-    ``decoder_hidden``, ``use_decoder``, ``kernels`` and ``precision``.
+    ``decoder_hidden``, ``use_decoder``, ``kernels`` and ``precision`` (the stem's convolutions; the small decoder
+    stays float32).
 
     Keeps the model contract of :mod:`capsjax.model`, with one addition: Batch Normalization's running statistics are
-    ``nnx.BatchStat`` variables beside the parameters. Called with a ``key`` (training) it normalises with the batch's
-    statistics and updates the running ones; without (evaluation, prediction) it uses the running statistics.
+    ``nnx.BatchStat`` variables beside the parameters. Called with a ``key`` (training), or after ``model.train()``
+    (NNX's training mode), it normalises with the batch's statistics and updates the running ones; otherwise
+    (evaluation, prediction; ``model.eval()``) it uses the running statistics.
     Returns a :class:`capsjax.model.CapsNetOutput`; the loss and the class scores are CapsNet's.
     """
 
@@ -86,7 +88,8 @@ class EfficientCapsNet(nnx.Module):
                           rngs=rngs)  # fmt: skip
             conv.kernel = nnx.Param(he_normal(rngs.params(), conv.kernel.shape))  # Keras's he_normal
             convs.append(conv)
-            norms.append(nnx.BatchNorm(out, momentum=0.99, epsilon=1e-3, rngs=rngs))  # Keras's defaults
+            # Keras's defaults; evaluation mode unless model.train() (or a key) says otherwise
+            norms.append(nnx.BatchNorm(out, momentum=0.99, epsilon=1e-3, use_running_average=True, rngs=rngs))
             channels = out
         self.convs, self.norms = nnx.List(convs), nnx.List(norms)
         sizes = [stem_output_size(s, config.effcaps_stem_kernels, config.effcaps_stem_strides) for s in (height, width)]
@@ -106,11 +109,13 @@ class EfficientCapsNet(nnx.Module):
         self, images: jax.Array, targets: jax.Array | None = None, *, key: jax.Array | None = None
     ) -> CapsNetOutput:
         """``targets`` (class ids [B] or k-hot [B, K]) mask the decoder; without them the longest capsule does. A
-        ``key`` (training) switches Batch Normalization to the batch's statistics (it draws nothing from it)."""
+        ``key`` (training; it draws nothing from it) or ``model.train()`` switches Batch Normalization to the batch's
+        statistics. One reconstruction per image, ``[B, H, W, C]``, whatever ``num_targets``."""
         check_images(images, self.config.image_shape, "EfficientCapsNet")
         x = images.astype(jnp.float32)
-        for conv, norm in zip(self.convs, self.norms):
-            x = norm(jax.nn.relu(conv(x)), use_running_average=key is None)
+        for conv, norm in zip(self.convs, self.norms):  # (an empty batch has no statistics: it would store NaN)
+            running = (key is None and norm.use_running_average) or images.shape[0] == 0
+            x = norm(jax.nn.relu(conv(x)), use_running_average=running)
         out = self.classes(self.primary(x))
         reconstructions = None
         if self.decoder is not None:

@@ -85,6 +85,8 @@ class Conv2D(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x`` [B, H, W, in_features] -> [B, oh, ow, out_features]."""
         kernel, dtype = self.kernel[...], compute_dtype(self.precision)
+        if jnp.ndim(x) != 4 or x.shape[-1] != kernel.shape[2]:
+            raise ValueError(f"Conv2D expects inputs [B, H, W, {kernel.shape[2]}] (NHWC), got {jnp.shape(x)}")
         if self.padding == "SAME":
             kh, kw = kernel.shape[:2]
             pads = (same_padding(x.shape[1], kh, self.stride), same_padding(x.shape[2], kw, self.stride))
@@ -212,6 +214,10 @@ class Decoder(nnx.Module):
         return matmul(x, layer.kernel[...], self.precision) + layer.bias[...][None, :]
 
     def __call__(self, capsules: jax.Array) -> jax.Array:
+        width = (self.hidden[0] if self.hidden else self.out).in_features
+        if jnp.ndim(capsules) < 2 or math.prod(capsules.shape[1:]) != width:
+            raise ValueError(f"Decoder expects masked capsules [B, n_out, d] with n_out * d = {width}, got "
+                             f"{jnp.shape(capsules)}")  # fmt: skip
         x = capsules.reshape(capsules.shape[0], math.prod(capsules.shape[1:]))  # (not -1: an empty batch has no -1)
         for layer in self.hidden:
             x = jax.nn.relu(self._dense(layer, x))

@@ -211,6 +211,11 @@ def reconstruct_each(decoder: Decoder, capsules: jax.Array, scores: jax.Array, k
     inference) are taken in ascending class order; reconstruction ``j`` is decoded from the capsules masked to
     keep the ``j``-th of them only. Returns ``[B, k, H, W, C]``.
     """
+    if jnp.shape(scores) != capsules.shape[:2]:  # class ids would be read as scores: the wrong classes, no error
+        raise ValueError(
+            f"with num_targets={k}, labels must be k-hot [B, num_classes] = {list(capsules.shape[:2])}, got shape "
+            f"{list(jnp.shape(scores))} (class ids [B, {k}]: jax.nn.one_hot(ids, num_classes).sum(axis=-2))"
+        )
     classes = jnp.sort(lax.top_k(scores, k)[1], axis=-1)  # [B, k]
     b, n, d = capsules.shape
     masked = capsules[:, None] * jax.nn.one_hot(classes, n, dtype=capsules.dtype)[..., None]  # [B, k, K, D]

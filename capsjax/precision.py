@@ -71,7 +71,11 @@ _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 def matmul(x: jax.Array, w: jax.Array, precision: str = "float32") -> jax.Array:
     """``x @ w`` for ``x`` [B, d_in] and ``w`` [d_in, d_out] in float32: a plain product, or under ``"mixed"`` with
-    bfloat16 operands and float32 accumulation, forward and backward (module docstring). Returns float32."""
+    bfloat16 operands and float32 accumulation, forward and backward (module docstring). Returns float32 (under
+    ``"float32"``, the plain product in the operands' dtype). Other ranks are refused: the mixed gradient is written
+    for matrices."""
+    if jnp.ndim(x) != 2 or jnp.ndim(w) != 2 or jnp.shape(x)[1] != jnp.shape(w)[0]:
+        raise ValueError(f"matmul multiplies x [B, d_in] by w [d_in, d_out], got {jnp.shape(x)} and {jnp.shape(w)}")
     if compute_dtype(precision) is None:
         return jnp.dot(x, w)
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:

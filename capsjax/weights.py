@@ -31,8 +31,8 @@ class WeightsError(ValueError):
 
 
 def is_weights_file(path: str | Path) -> bool:
-    """Whether ``path`` names a weights file (by its suffix) rather than a work directory."""
-    return Path(path).suffix == SUFFIX
+    """Whether ``path`` names a weights file (by its suffix, in any case) rather than a work directory."""
+    return Path(path).suffix.lower() == SUFFIX
 
 
 def _named_leaves(params: Any) -> dict[str, Any]:
@@ -64,9 +64,20 @@ def save_weights(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     path = Path(path)
-    if path.suffix != SUFFIX:
+    if not is_weights_file(path):
         raise ValueError(f"a weights file must end in {SUFFIX}, got {path.name}")
+    if not isinstance(config, TrainConfig):  # a ModelConfig wrote a file that no loader could read back
+        raise TypeError(
+            f"config must be the run's TrainConfig (its .model builds the model), got {type(config).__name__}"
+        )
     import jax
+    from flax import nnx
+
+    from capsjax.model import build_model
+
+    # the file must load back: its arrays must be those of the model its config builds (checked before writing)
+    _, abstract = nnx.split(nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0))))
+    _check_fit(_shapes(abstract), _shapes(params), "params")
 
     with np.errstate(over="ignore"):  # a value beyond float16's range becomes inf: refused below, with the remedy
         tensors = {
@@ -122,10 +133,28 @@ def read_weights(path: str | Path) -> tuple[TrainConfig, dict[str, np.ndarray], 
             f"{path}: {bad} holds NaN or infinite values; export the weights of a checkpoint that has none"
         )
     try:
-        config = from_dict(TrainConfig, json.loads(metadata["config"]))
-    except (KeyError, json.JSONDecodeError, ConfigError) as err:
-        raise WeightsError(f"{path}: its config does not read back ({err})") from None
+        recorded = json.loads(metadata["config"])
+        if not isinstance(recorded, dict) or "model" not in recorded:  # {} would be read as the default config
+            raise ConfigError("it holds no model")
+        config = from_dict(TrainConfig, recorded)
+        int(metadata.get("step", 0))
+    except (KeyError, ValueError, ConfigError) as err:
+        raise WeightsError(f"{path}: its config or step does not read back ({err}); export it again") from None
     return config, {name: value.astype(np.float32) for name, value in arrays.items()}, metadata
+
+
+def _shapes(params: Any) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(np.shape(leaf)) for name, leaf in _named_leaves(params).items()}
+
+
+def _check_fit(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """Raises :class:`WeightsError` unless ``shapes`` (by parameter path) are exactly the model's, ``expected``."""
+    missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or extra:
+        raise WeightsError(f"{where} does not fit its model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, shape in expected.items():
+        if shapes[name] != shape:
+            raise WeightsError(f"{where}: {name} has shape {shapes[name]}, the model needs {shape}")
 
 
 def params_from_arrays(abstract_params: Any, arrays: dict[str, np.ndarray], where: str = "the weights file") -> Any:
@@ -133,13 +162,8 @@ def params_from_arrays(abstract_params: Any, arrays: dict[str, np.ndarray], wher
     path; raises :class:`WeightsError` on a missing, extra or misshapen array."""
     import jax
 
-    expected = {name: leaf.shape for name, leaf in _named_leaves(abstract_params).items()}
-    missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
-    if missing or extra:
-        raise WeightsError(f"{where} does not fit its model: missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, shape in expected.items():
-        if arrays[name].shape != tuple(shape):
-            raise WeightsError(f"{where}: {name} has shape {arrays[name].shape}, the model needs {tuple(shape)}")
+    expected = _shapes(abstract_params)
+    _check_fit(expected, {name: tuple(value.shape) for name, value in arrays.items()}, where)
     leaves = iter(arrays[name] for name in expected)
     return jax.tree.map(lambda _: next(leaves), abstract_params)
 

@@ -181,3 +181,14 @@ def test_baseline_preset_and_arch_flag():
     args = build_train_parser().parse_args(["--preset", "smoke", "--arch", "cnn", "--set", "model.cnn_hidden=32"])
     config = resolve_train_config(args)
     assert config.model.arch == "cnn" and config.model.cnn_hidden == (32,) and config.dataset == "synthetic"
+
+
+def test_nnx_training_mode_needs_a_key_for_dropout():
+    model, x = capsjax.BaselineCNN(TINY_CNN, rngs=nnx.Rngs(0)), jnp.full((2, 12, 12, 1), 0.5)
+    model.train()  # was: no dropout at all, silently
+    with pytest.raises(ValueError, match=r"training mode \(model.train\(\)\): pass key=\.\.\. for its dropout"):
+        model(x)
+    a, b = model(x, key=jax.random.key(0)).logits, model(x, key=jax.random.key(1)).logits
+    assert not np.allclose(a, b)
+    model.eval()
+    np.testing.assert_array_equal(model(x).logits, model(x).logits)

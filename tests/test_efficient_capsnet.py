@@ -225,3 +225,24 @@ def test_efficient_capsnet_augmentation_is_reproducible_jit_equal_and_in_range()
         TrainConfig(augmentation="efficient_capsnet")  # the default max_shift=2
     with pytest.raises(ConfigError, match="augmentation must be"):
         TrainConfig(augmentation="rotate", max_shift=0)
+
+
+def test_nnx_train_and_eval_modes_and_an_empty_batch():
+    model, x = EfficientCapsNet(TINY, rngs=nnx.Rngs(0)), jnp.asarray(RNG.uniform(size=(4, 12, 12, 1)), jnp.float32)
+
+    def stats():
+        return [np.asarray(v) for v in jax.tree.leaves(nnx.state(model, nnx.BatchStat))]
+
+    start = stats()
+    model(jnp.zeros((0, 12, 12, 1)), key=jax.random.key(0))  # was a ZeroDivisionError after storing NaN statistics
+    assert all(np.array_equal(a, b) for a, b in zip(start, stats()))
+    model(x)  # evaluation (the default): the running statistics
+    assert all(np.array_equal(a, b) for a, b in zip(start, stats()))
+    model.train()  # NNX's training mode: the batch's statistics, updated (was: ignored without a key)
+    model(x)
+    trained = stats()
+    assert not all(np.allclose(a, b) for a, b in zip(start, trained))
+    model.eval()
+    model(x)
+    assert all(np.array_equal(a, b) for a, b in zip(trained, stats()))
+    assert np.isfinite(np.asarray(model(x).lengths)).all()

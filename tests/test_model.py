@@ -143,3 +143,31 @@ def test_routing_capsules_take_leading_batch_axes_and_reject_bad_shapes(kernels)
     np.testing.assert_allclose(v, textbook, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"RoutingCapsules expects capsules \[B, 6, 4\]"):
         layer(jnp.zeros((2, 5, 4)))
+
+
+def test_module_api_misuse_is_a_clear_error():
+    # each was a wrong result without a word or an error from deep inside JAX
+    from capsjax.layers import Conv2D, Decoder
+
+    two = capsjax.ModelConfig(conv1_channels=8, primary_maps=2, primary_dim=4, class_dim=4, decoder_hidden=(8, 16),
+                              num_targets=2)  # fmt: skip
+    model, images = capsjax.CapsNet(two, rngs=nnx.Rngs(0)), jnp.full((2, 28, 28, 1), 0.5)
+    for ids in (jnp.array([7, 3]), jnp.array([[1, 5], [2, 7]])):  # were read as scores: classes {0, 1} decoded
+        with pytest.raises(ValueError, match=r"num_targets=2, labels must be k-hot \[B, num_classes\]"):
+            model(images, ids)
+    k_hot = jax.nn.one_hot(jnp.array([[1, 5], [2, 7]]), 10).sum(axis=-2)
+    assert model(images, k_hot).reconstructions.shape == (2, 2, 28, 28, 1)
+    for fields, message in (
+        ({"routing_init_std": float("nan")}, "routing_init_std must be a finite number >= 0"),  # all outputs NaN
+        ({"routing_init_std": -1.0}, "routing_init_std must be a finite number >= 0"),
+        ({"use_decoder": "false"}, "use_decoder must be True or False"),  # built a decoder
+        ({"routing_stop_gradient": "no"}, "routing_stop_gradient must be True or False"),
+        ({"image_shape": (28.0, 28, 1)}, r"image_shape must be \(height, width, channels\), ints >= 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            capsjax.ModelConfig(**fields)
+    with pytest.raises(ValueError, match=r"Decoder expects masked capsules \[B, n_out, d\] with n_out \* d = 40"):
+        Decoder(40, (8,), (28, 28, 1), rngs=nnx.Rngs(0))(jnp.ones((2, 10, 8)))
+    for kernels in ("textbook", "fast"):
+        with pytest.raises(ValueError, match=r"Conv2D expects inputs \[B, H, W, 1\] \(NHWC\), got \(2, 8, 8, 3\)"):
+            Conv2D(1, 4, 3, kernels=kernels, rngs=nnx.Rngs(0))(jnp.ones((2, 8, 8, 3)))

@@ -184,3 +184,10 @@ def test_precision_config_field_validation_and_the_old_conv_dtype_name():
     old["model"]["nonsense"] = 1
     with pytest.raises(ConfigError, match="nonsense"):
         from_dict(TrainConfig, old)
+
+
+def test_matmul_refuses_other_ranks_in_both_precisions():
+    # a 3-D x went through the mixed forward and failed only in the backward pass, inside dot_general
+    for mode in ("float32", "mixed"):
+        with pytest.raises(ValueError, match=r"matmul multiplies x \[B, d_in\] by w \[d_in, d_out\], got \(2, 3, 4\)"):
+            jax.grad(lambda w: precision.matmul(jnp.ones((2, 3, 4)), w, mode).sum())(jnp.ones((4, 5)))

@@ -73,16 +73,22 @@ def test_broken_weights_files_are_one_clear_error(tmp_path, params):
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(weights.WeightsError, match="not a readable safetensors file"):
         weights.read_weights(garbage)
-    from safetensors.numpy import save_file
+    from safetensors.numpy import load_file, save_file
+
+    from capsjax.config import to_dict
 
     foreign = tmp_path / "foreign.safetensors"
     save_file({"a": np.zeros(3, np.float32)}, str(foreign))
     with pytest.raises(weights.WeightsError, match="not a capsjax weights file"):
         weights.read_weights(foreign)
-    # a file whose arrays do not fit the config it carries
+    # a file whose arrays do not fit the config it carries (save_weights refuses to write one: edited by hand)
     path = weights.save_weights(tmp_path / "w.safetensors", params, CONFIG, step=0)
     bigger = dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, class_dim=12))
-    misfit = weights.save_weights(tmp_path / "misfit.safetensors", params, bigger, step=0)
+    with pytest.raises(weights.WeightsError, match="the model needs"):
+        weights.save_weights(tmp_path / "misfit.safetensors", params, bigger, step=0)
+    _, _, metadata = weights.read_weights(path)
+    misfit = tmp_path / "misfit.safetensors"
+    save_file(load_file(str(path)), str(misfit), metadata={**metadata, "config": json.dumps(to_dict(bigger))})
     with pytest.raises(weights.WeightsError, match="shape"):
         load_run(misfit)
     # a file cut short
@@ -93,8 +99,6 @@ def test_broken_weights_files_are_one_clear_error(tmp_path, params):
     with pytest.raises(ValueError, match="must end in"):
         weights.save_weights(tmp_path / "w.npz", params, CONFIG, step=0)
     # non-finite values: refused when written (a float16 overflow says so), and in a file made otherwise when read
-    from safetensors.numpy import load_file, save_file
-
     large = jax.tree.map(lambda a: a, params)
     large["classes"]["W"] = np.full_like(large["classes"]["W"], 1e6)
     with pytest.raises(ValueError, match="classes/W exceeds float16's range: export with --dtype float32"):
@@ -235,3 +239,30 @@ def test_bad_paths_results_folders_and_empty_data_are_refused_in_one_line(tmp_pa
         datalib.write_idx(empty / f"{stem}-labels-idx1-ubyte.gz", np.zeros(0, np.uint8))
     with pytest.raises(datalib.DataError, match="mnist test in .* holds no examples: its files are empty or damaged"):
         datalib.load("mnist", "test", empty)
+
+
+def test_weights_that_would_not_load_back_are_refused_when_written_and_read(tmp_path):
+    from flax import nnx
+
+    from capsjax.model import build_model
+
+    _, params = nnx.split(build_model(CONFIG.model, rngs=nnx.Rngs(0)))
+    with pytest.raises(TypeError, match="config must be the run's TrainConfig .* got ModelConfig"):
+        weights.save_weights(tmp_path / "a.safetensors", params, CONFIG.model, step=1)  # wrote an unreadable file
+    other = dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, conv1_channels=24))
+    with pytest.raises(weights.WeightsError, match=r"params: conv1/bias has shape \(16,\), the model needs \(24,\)"):
+        weights.save_weights(tmp_path / "b.safetensors", params, other, step=1)
+    assert not list(tmp_path.iterdir())
+    upper = weights.save_weights(tmp_path / "W.SAFETENSORS", params, CONFIG, step=3)  # was NotADirectoryError
+    assert load_run(upper).step == 3
+    with pytest.raises(ConfigError, match="not found: is this a capsjax work directory"):
+        load_run(tmp_path / "W.safetensors.bak")
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    with safe_open(str(upper), framework="numpy") as handle:
+        metadata = handle.metadata()
+    for change in ({"step": "abc"}, {"config": "{}"}):  # a bare ValueError; the default config, silently
+        save_file(load_file(str(upper)), str(tmp_path / "bad.safetensors"), metadata={**metadata, **change})
+        with pytest.raises(weights.WeightsError, match="its config or step does not read back"):
+            weights.read_weights(tmp_path / "bad.safetensors")
