@@ -295,6 +295,10 @@ def test_predict_checks_inputs_and_handles_small_batches(trained):
         predict(run, images, batch_size=0)
     with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
         predict(run, images.astype(np.float32))
+    broken = images.astype(np.float32) / 255
+    broken[2, 0, 0] = np.nan  # was told to divide by 255
+    with pytest.raises(ValueError, match=r"images hold NaN or infinite values \(1 of 5 images\)"):
+        predict(run, broken)
     with pytest.raises(ValueError, match="uint8"):
         predict(run, images.astype(np.int64))
 
