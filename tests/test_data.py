@@ -439,3 +439,64 @@ def test_real_fashion_mnist():
     assert x.shape == (10000, 28, 28, 1) and x.dtype == np.uint8
     np.testing.assert_array_equal(np.bincount(y, minlength=10), [1000] * 10)
     assert len(datalib.load("fashion_mnist", "train", FASHION_DIR)[0]) == 60000
+
+
+def test_download_mnist_from_a_mirror_without_tensorflow(tmp_path):
+    # Colab's TPU runtimes have no TensorFlow, which TFDS needs to prepare MNIST: the notebook fetches the IDX files
+    # instead. Served here by a local HTTP server from small files in MNIST's format.
+    import functools
+    import http.server
+    import threading
+
+    rng = np.random.default_rng(0)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    counts = {"train": 30, "t10k": 10}
+    arrays = {}
+    for stem, n in counts.items():
+        arrays[stem] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
+        datalib.write_idx(mirror / f"{stem}-images-idx3-ubyte.gz", arrays[stem][0])
+        datalib.write_idx(mirror / f"{stem}-labels-idx1-ubyte.gz", arrays[stem][1])
+    kinds = ("images-idx3-ubyte.gz", "labels-idx1-ubyte.gz")
+    files = {f"{stem}-{kind}": counts[stem] for stem in counts for kind in kinds}
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(mirror)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        dest = tmp_path / "cache" / "mnist"
+        assert datalib.download_mnist(dest, base_url=url, files=files, log=lambda _: None) == dest
+        images, labels = datalib.load("mnist", "train", dest)
+        np.testing.assert_array_equal(images[..., 0], arrays["train"][0])
+        np.testing.assert_array_equal(labels, arrays["train"][1])
+        fetched = len(requests)
+        datalib.download_mnist(dest, base_url=url, files=files, log=lambda _: None)  # all there: nothing fetched
+        assert fetched == 4 and len(requests) == fetched
+        (dest / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b damaged")  # fetched again, alone
+        datalib.download_mnist(dest, base_url=url, files=files, log=lambda _: None)
+        assert len(requests) == fetched + 1 and datalib.load("mnist", "test", dest)[1].shape == (10,)
+        # a mirror that serves a truncated file, or none: one line, and nothing under the file's name
+        halve = lambda b: b[: len(b) // 2]  # noqa: E731
+        for stem, damage in (("train-images-idx3-ubyte.gz", halve), ("train-labels-idx1-ubyte.gz", None)):
+            data = (mirror / stem).read_bytes()
+            if damage is None:
+                (mirror / stem).unlink()
+            else:
+                (mirror / stem).write_bytes(damage(data))
+            fresh = tmp_path / f"fresh-{stem}"
+            message = "did not give an IDX file of 30 examples" if damage else r"cannot download .*\(HTTP 404 "
+            with pytest.raises(datalib.DataError, match=message):
+                datalib.download_mnist(fresh, base_url=url, files=files, log=lambda _: None)
+            assert not (fresh / stem).exists() and not list(fresh.glob(".partial-*"))
+            (mirror / stem).write_bytes(data)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(datalib.DataError, match=r"cannot download http://127.0.0.1:1/train-images.* by hand"):
+        datalib.download_mnist(tmp_path / "offline", base_url="http://127.0.0.1:1/", files=files, log=lambda _: None)
+

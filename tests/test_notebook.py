@@ -72,9 +72,25 @@ def test_setup_cells_find_this_checkout(tmp_path, monkeypatch):
     monkeypatch.delenv("CAPSJAX_NOTEBOOK_WORKDIR", raising=False)
     code = [cell for cell in json.loads(NOTEBOOK.read_text())["cells"] if cell["cell_type"] == "code"]
     namespace = {}
-    for cell in code[:2]:
+    for cell in code[:3]:  # settings, set-up, the accelerator (which settles TINY and WORKDIR)
         exec("".join(cell["source"]), namespace)  # noqa: S102 (our own notebook)
     assert namespace["TINY"] is True and namespace["WORKDIR"] == "runs/notebook_tiny"
     find_checkout = namespace["find_checkout"]
     assert find_checkout(NOTEBOOK.parent) == ROOT
     assert find_checkout(tmp_path) is None
+
+
+def test_full_mode_without_an_accelerator_switches_to_tiny(monkeypatch):
+    # the paper's model for 10 epochs on a CPU runtime is hours: the notebook used to start it without a word
+    monkeypatch.delenv("CAPSJAX_NOTEBOOK_TINY", raising=False)
+    monkeypatch.delenv("CAPSJAX_NOTEBOOK_WORKDIR", raising=False)
+    code = [cell for cell in json.loads(NOTEBOOK.read_text())["cells"] if cell["cell_type"] == "code"]
+    for full_on_cpu, tiny in ((False, True), (True, False)):
+        namespace = {}
+        exec("".join(code[0]["source"]), namespace)  # noqa: S102 (our own notebook)
+        namespace["FULL_ON_CPU"] = full_on_cpu
+        for cell in code[1:3]:
+            exec("".join(cell["source"]), namespace)  # noqa: S102
+        assert namespace["BACKEND"] == "cpu" and namespace["TINY"] is tiny
+        assert namespace["WORKDIR"] == ("runs/notebook_tiny" if tiny else "runs/notebook")
+

@@ -11,6 +11,9 @@ Sources, tried in this order by :func:`load`:
    its ArrayRecord data source. Preparing a dataset the first time downloads it (and TFDS needs TensorFlow for that
    step); reading an already prepared one does not.
 
+:func:`download_mnist` fetches MNIST's IDX files from a public mirror into ``~/.cache/capsjax/mnist`` (path 1), for
+runtimes without TensorFlow.
+
 ``"synthetic"`` needs neither: deterministic generated images whose class is recoverable, for tests and benchmarks.
 ``"affine_mnist"`` is built from the MNIST files: an approximation of affNIST (:mod:`~capsjax.data.canvas`).
 
@@ -35,6 +38,7 @@ from capsjax.data.augment import (
     train_augmentation,
 )
 from capsjax.data.canvas import affine_mnist, affine_transform, fixed_placement, place_on_canvas
+from capsjax.data.download import MNIST_MIRROR, download_mnist
 from capsjax.data.errors import DATA_ENV, DataError
 from capsjax.data.formats import read_idx, write_idx
 from capsjax.data.multimnist import multimnist_batches, multimnist_pairs, two_hot
@@ -68,6 +72,8 @@ __all__ = [
     "arrays_sha256",
     "read_idx",
     "write_idx",
+    "download_mnist",
+    "MNIST_MIRROR",
     "batches",
     "padded_batches",
     "local_slice",
