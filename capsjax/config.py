@@ -14,6 +14,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from capsjax.files import read_json, write_atomic
 
 ARCHS = ("capsnet", "cnn", "efficient_capsnet")  # ModelConfig.arch: capsjax.model.MODELS (kept equal by a test)
@@ -121,8 +123,9 @@ class ModelConfig:
             if any(not _is_int(v) or v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name} must hold ints >= 1, got {getattr(self, name)!r}")
         for name in _BOOLS:  # the string "false" is true
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, bool(getattr(self, name)))  # (NumPy's bool: a plain one, for JSON)
         for name in _REALS:  # a NaN or infinite one made every output NaN
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
@@ -414,8 +417,8 @@ def _quick() -> TrainConfig:
 
 def _accelerator() -> TrainConfig:
     """The paper's model for GPUs and TPUs: mixed precision (bfloat16 products; routing stays float32), batch 512,
-    the decay stretched to x0.96 per 500 steps (4 times fewer steps per epoch than at batch 128: each epoch decays as
-    much as the paper's)."""
+    the learning rate decayed by x0.96 per 500 steps (an epoch has 4 times fewer steps than at batch 128: each epoch
+    decays as much as the paper's)."""
     paper = _default()
     return dataclasses.replace(
         paper,
@@ -605,6 +608,8 @@ _RENAMED = {ModelConfig: {"conv_dtype": ("precision", lambda dtype: "float32" if
 def from_dict(cls, data: dict[str, Any]):
     """Rebuilds a (nested) config dataclass from :func:`to_dict`'s output; unknown keys are an error (fields renamed
     since, like ``model.conv_dtype``, are read under their new name)."""
+    if not isinstance(data, dict):  # e.g. "model": "resnet50" in someone else's config.json
+        raise ConfigError(f"{cls.__name__} must be a JSON object of its fields, got {type(data).__name__} {data!r:.40}")
     data = dict(data)
     for old, (new, convert) in _RENAMED.get(cls, {}).items():
         if old in data and new not in data:
@@ -623,6 +628,17 @@ def from_dict(cls, data: dict[str, Any]):
         raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def is_saved_config(data: Any) -> bool:
+    """Whether JSON ``data`` has the shape of :func:`save_config`'s output (a ``model`` with its ``arch`` and an
+    ``optim``): a config.json of another program's, or ``{}``, would otherwise read as defaults."""
+    return (
+        isinstance(data, dict)
+        and isinstance(data.get("model"), dict)
+        and "arch" in data["model"]
+        and isinstance(data.get("optim"), dict)
+    )
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

@@ -197,7 +197,9 @@ def _unit_images(images: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
         raise ValueError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}: convert them first")
     if images.size and not np.isfinite(images).all():  # (dividing by 255 would not mend those)
         bad = int(np.sum(~np.isfinite(images.reshape(len(images), -1)).all(axis=1)))
-        raise ValueError(f"images hold NaN or infinite values ({bad} of {len(images)} images): check how they were made")
+        raise ValueError(
+            f"images hold NaN or infinite values ({bad} of {len(images)} images): check how they were made"
+        )
     if images.size and (images.min() < 0 or images.max() > 1):
         raise ValueError(
             f"float images must lie in [0, 1], got values in [{images.min():g}, {images.max():g}]: divide 0..255 "

@@ -148,8 +148,9 @@ class CapsNet(nnx.Module):
     def __call__(
         self, images: jax.Array, labels: jax.Array | None = None, *, key: jax.Array | None = None
     ) -> CapsNetOutput:
-        """``labels`` (class ids [B] or k-hot [B, K]) mask the decoder; without them the predicted capsule does (the
-        longest, or the highest score). ``key`` is accepted for the model contract and not used (no randomness)."""
+        """``labels`` (class ids [B] or k-hot [B, K]; k-hot only with ``num_targets > 1``) mask the decoder; without
+        them the predicted capsule does (the longest, or the highest score). ``key`` is accepted for the model contract
+        and not used (no randomness)."""
         capsules, lengths = self._route(images)
         reconstructions = None
         if self.decoder is not None:

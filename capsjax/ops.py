@@ -47,6 +47,14 @@ def floating(
     return x
 
 
+def concrete(x: jax.Array) -> np.ndarray | None:
+    """``x``'s values as a NumPy array where they are known now (not traced under ``jit``/``vmap``/``grad``; an
+    array captured by a jitted function is), for checks of values; None for a tracer or an empty array."""
+    if isinstance(x, jax.core.Tracer) or not np.size(x):
+        return None
+    return np.asarray(x)
+
+
 def _check_epsilon(epsilon: float) -> None:
     if isinstance(epsilon, (int, float)) and not epsilon >= 0:  # NaN too; a traced epsilon is the caller's
         raise ValueError(f"epsilon must be >= 0 (a positive one keeps the gradient at 0 finite), got {epsilon}")
@@ -118,9 +126,9 @@ def capsule_predictions(weights: jax.Array, u: jax.Array) -> jax.Array:
 
 def check_iterations(num_iterations: int) -> int:
     """``num_iterations`` as an int >= 1 (it sets a loop's length: a Python int, static under ``jit``)."""
+    if isinstance(num_iterations, bool):  # an int to Python: True was 1 iteration
+        raise TypeError(f"num_iterations must be an int >= 1, got {num_iterations}")
     try:
-        if isinstance(num_iterations, bool):  # an int to Python, and 1 iteration for True
-            raise TypeError
         num_iterations = operator.index(num_iterations)
     except TypeError:
         raise TypeError(
@@ -208,8 +216,8 @@ def _targets(labels: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
         )
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"class ids must be integers, got {labels.dtype} (k-hot targets have the scores' shape)")
-    if not isinstance(labels, jax.core.Tracer) and labels.size:
-        values = np.asarray(labels)
+    values = concrete(labels)
+    if values is not None:
         if values.min() < 0 or values.max() >= shape[-1]:
             raise ValueError(f"class ids must lie in [0, {shape[-1]}), got values in [{values.min()}, {values.max()}]")
     return jax.nn.one_hot(labels, shape[-1], dtype=dtype)

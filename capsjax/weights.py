@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from capsjax import __version__
-from capsjax.config import ConfigError, TrainConfig, from_dict, to_dict
+from capsjax.config import ConfigError, TrainConfig, from_dict, is_saved_config, to_dict
 
 FORMAT = "capsjax-params-1"
 SUFFIX = ".safetensors"
@@ -134,11 +134,11 @@ def read_weights(path: str | Path) -> tuple[TrainConfig, dict[str, np.ndarray], 
         )
     try:
         recorded = json.loads(metadata["config"])
-        if not isinstance(recorded, dict) or "model" not in recorded:  # {} would be read as the default config
-            raise ConfigError("it holds no model")
+        if not is_saved_config(recorded):  # {} or {"model": {}} would be read as the default config
+            raise ConfigError("it holds no model and optim of capsjax's")
         config = from_dict(TrainConfig, recorded)
         int(metadata.get("step", 0))
-    except (KeyError, ValueError, ConfigError) as err:
+    except (KeyError, ValueError, TypeError, ConfigError) as err:
         raise WeightsError(f"{path}: its config or step does not read back ({err}); export it again") from None
     return config, {name: value.astype(np.float32) for name, value in arrays.items()}, metadata
 

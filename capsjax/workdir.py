@@ -23,7 +23,9 @@ import jax
 
 from capsjax import distributed
 from capsjax.checkpoint import Checkpoints
-from capsjax.config import ConfigError, OptimConfig, TrainConfig, from_dict, load_config, save_config, to_dict
+from capsjax.config import (
+    ConfigError, OptimConfig, TrainConfig, from_dict, is_saved_config, load_config, save_config, to_dict,
+)  # fmt: skip
 from capsjax.files import read_json, write_atomic
 
 DIVERGED = "diverged.json"  # written when the loss blows up: the bad step and the checkpoint to restart from
@@ -121,6 +123,22 @@ class WorkdirLock:
         except OSError as err:
             if err.errno != errno.ENOENT:
                 raise
+
+    def take_over_idle(self, idle_s: float = 600.0) -> dict[str, Any] | None:
+        """Breaks a lock held on another host if its run has written nothing for ``idle_s`` seconds (the newest of
+        the lock, ``metrics.jsonl`` and the checkpoints), e.g. one left by a Colab runtime that was recycled; returns
+        the holder it removed, or None (no lock, one of this host's, which :meth:`acquire` judges by its pid, or a run
+        still writing)."""
+        holder = self._holder()
+        if not holder or holder.get("host") == socket.gethostname():
+            return None
+        folder = self.path.parent
+        written = [p.stat().st_mtime for p in (self.path, folder / "metrics.jsonl", *folder.glob("checkpoints/*"))
+                   if p.exists()]  # fmt: skip
+        if time.time() - max(written, default=0.0) < idle_s:
+            return None
+        self._break()
+        return holder
 
     def release(self) -> None:
         if self.held:
@@ -249,7 +267,8 @@ def check_workdir(workdir: Path) -> None:
             f"{workdir} is a results folder (its record.json was written by python -m capsjax.results collect): train "
             "in a work directory outside results/, e.g. ~/capsjax-runs/NAME, and collect it from there"
         )
-    names = sorted(p.name for p in workdir.iterdir())
+    # (dotfiles and lost+found: a fresh mount, a Finder's .DS_Store, a multi-process marker left by a crash)
+    names = sorted(p.name for p in workdir.iterdir() if not p.name.startswith(".") and p.name != "lost+found")
     if not names:
         return
     if not any(name in RUN_FILES or name.startswith("LOCK.") for name in names):  # LOCK.stale-PID: a lock taken over
@@ -261,6 +280,8 @@ def check_workdir(workdir: Path) -> None:
     config = workdir / "config.json"
     if config.exists() and not _has_checkpoints(workdir):  # replaced when the run starts: only our own
         try:
+            if not is_saved_config(read_json(config, "it is not a run's", ConfigError)):
+                raise ConfigError("no model and optim of capsjax's")
             load_config(config)
         except ConfigError as error:
             raise ConfigError(

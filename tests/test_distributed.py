@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,20 @@ def test_a_damaged_record_of_the_run_is_an_error_naming_the_file(tmp_path, damag
     (tmp_path / damaged).write_text('{"fingerprint": ')
     with pytest.raises(ConfigError, match=f"{damaged} is not valid JSON .*; (restore it|it records where)"):
         workdir_mod.apply_resume_rules(get_config("smoke"), tmp_path, "abc")
+
+
+def test_a_lock_left_on_another_host_is_taken_over_only_when_its_run_is_idle(tmp_path):
+    # the notebook's DRIVE mode: a recycled Colab runtime leaves a lock of another host, which acquire() can't judge
+    lock = WorkdirLock(tmp_path)
+    (tmp_path / "LOCK").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "x"}))
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    assert lock.take_over_idle(600) is None and (tmp_path / "LOCK").exists()  # its run wrote a moment ago
+    old = time.time() - 3600
+    for name in ("LOCK", "metrics.jsonl"):
+        os.utime(tmp_path / name, (old, old))
+    assert lock.take_over_idle(600)["host"] == "elsewhere" and not (tmp_path / "LOCK").exists()
+    lock.acquire().release()
+    (tmp_path / "LOCK").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "x"}))
+    os.utime(tmp_path / "LOCK", (old, old))
+    assert lock.take_over_idle(600) is None  # this host's: acquire() judges it by its pid
+

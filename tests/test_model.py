@@ -166,6 +166,7 @@ def test_module_api_misuse_is_a_clear_error():
     ):
         with pytest.raises(ValueError, match=message):
             capsjax.ModelConfig(**fields)
+    assert capsjax.ModelConfig(use_decoder=np.True_).use_decoder is True  # NumPy's bool: a plain one (JSON)
     with pytest.raises(ValueError, match=r"Decoder expects masked capsules \[B, n_out, d\] with n_out \* d = 40"):
         Decoder(40, (8,), (28, 28, 1), rngs=nnx.Rngs(0))(jnp.ones((2, 10, 8)))
     for kernels in ("textbook", "fast"):

@@ -276,8 +276,11 @@ def test_misuse_is_a_clear_error_not_a_wrong_result():
     for name in ("dynamic", "inverted_attention", "self_attention"):  # the same TypeError as capsjax.ops
         with pytest.raises(TypeError, match="votes must be floating point"):
             routing.get(name)(jnp.zeros((2, 5, 3, 4), jnp.int32))
-    with pytest.raises(TypeError, match="num_iterations must be a Python int, got bool"):
+    with pytest.raises(TypeError, match="num_iterations must be an int >= 1, got True"):
         routing.dynamic(u, True)
+    # the checks of values run where the values are known, and stay out of the way under jit
+    assert jax.jit(lambda v: routing.em(v, acts).activations)(votes).shape == (2, 3)  # acts captured: concrete
+    np.testing.assert_allclose(routing.layer_norm(jnp.arange(4)), [-1.3416, -0.4472, 0.4472, 1.3416], atol=1e-4)
     with pytest.raises(ValueError, match=r"weights must have shape \[n_in, n_out, k, q\]"):
         routing.matrix_votes(jnp.zeros((5, 3, 2)), jnp.zeros((2, 5, 2, 2)))
     with pytest.raises(TypeError, match="weights must be floating point"):

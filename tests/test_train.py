@@ -253,10 +253,21 @@ def test_training_among_other_files_is_refused_and_leaves_them_alone(tmp_path):
     with pytest.raises(ConfigError, match=r"holds other files \(notes.txt\) and no capsjax run: train in a new or"):
         train_and_evaluate(SMOKE, project)
     (project / "config.json").write_text('{"name": "my project"}')
-    with pytest.raises(ConfigError, match="holds a config.json that is not a capsjax run's .unknown TrainConfig field"):
+    with pytest.raises(ConfigError, match="holds a config.json that is not a capsjax run's .no model and optim of capsjax's"):
         train_and_evaluate(SMOKE, project)
     assert sorted(p.name for p in project.iterdir()) == ["config.json", "notes.txt"]
     assert (project / "config.json").read_text() == '{"name": "my project"}'
+    for text in ('{"batch_size": 64, "epochs": 10, "seed": 1}', '{"model": "resnet50"}', "[1, 2]"):  # capsjax names
+        (project / "config.json").write_text(text)
+        with pytest.raises(ConfigError, match="holds a config.json that is not a capsjax run's"):
+            train_and_evaluate(SMOKE, project)
+        assert (project / "config.json").read_text() == text
+    fresh = tmp_path / "fresh"  # a new mount or a Finder's folder: nothing of anyone's but dotfiles
+    (fresh / "lost+found").mkdir(parents=True)
+    (fresh / ".DS_Store").write_text("x")
+    from capsjax.workdir import check_workdir
+
+    check_workdir(fresh)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file: pass a folder"):
         train_and_evaluate(SMOKE, tmp_path / "file")

@@ -2,11 +2,13 @@
 
 TensorFlow Datasets needs TensorFlow to prepare a dataset the first time, and some runtimes (Colab's TPU ones among
 them) no longer ship it. The IDX files need nothing: fetched once into ``~/.cache/capsjax/mnist``, where
-:func:`capsjax.data.load` looks when no ``data_dir`` is given, they serve every later run offline.
+:func:`capsjax.data.load` looks when no ``data_dir`` is given (after ``$CAPSJAX_DATA/mnist``, if that exists), they
+serve every later run offline.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import urllib.error
@@ -46,9 +48,10 @@ def download_mnist(
     """Downloads MNIST's IDX files into ``directory`` (default ``~/.cache/capsjax/mnist``) and returns it.
 
     Files already there and intact are kept; a missing or damaged one is fetched from ``base_url``, checked to be an
-    IDX file of the expected number of examples (``files``: name -> examples; MNIST's by default), and only then put
-    under its name, so an interrupted download never leaves a half file behind. Raises
-    :class:`~capsjax.data.DataError` (one line, with what to do) when the network or the mirror fails.
+    IDX file of the expected number of examples (``files``: name -> examples; MNIST's by default: a check of the
+    format and the count, not a checksum), and only then put under its name, so an interrupted download never leaves
+    a half file behind. Raises :class:`~capsjax.data.DataError` (one line, with what to do) when the network or the
+    mirror fails.
     """
     files = MNIST_FILES if files is None else files
     directory = Path(directory).expanduser() if directory is not None else CACHE_DIR.expanduser() / "mnist"
@@ -61,12 +64,12 @@ def download_mnist(
         if target.exists() and _holds(target, count):
             continue
         url = base_url.rstrip("/") + "/" + name
-        partial = directory / f".partial-{name}"  # (ends in .gz like the file: read as gzip)
+        partial = directory / f".partial-{os.getpid()}-{name}"  # (ends in .gz like the file: read as gzip)
         log(f"downloading {url}")
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
                 shutil.copyfileobj(response, out)
-        except (urllib.error.URLError, OSError) as err:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:  # (IncompleteRead: cut off)
             partial.unlink(missing_ok=True)
             if isinstance(err, urllib.error.HTTPError):
                 reason = f"HTTP {err.code} {err.reason}"

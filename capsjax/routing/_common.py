@@ -51,7 +51,9 @@ def layer_norm(x: jax.Array, scale=None, offset=None, epsilon: float = 1e-5) -> 
     """Layer normalization over the last axis (Ba et al., 2016): ``(x - mean) / sqrt(var + epsilon) * scale + offset``;
     ``epsilon > 0`` (a constant ``x`` has variance 0)."""
     check_positive(epsilon, "epsilon", "a constant input has variance 0: 0 / 0")
-    x = floating(x, "layer_norm's input")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):  # integers are normalised as float32 (the result is)
+        x = x.astype(jnp.float32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     y = (x - mean) / jnp.sqrt(var + epsilon)

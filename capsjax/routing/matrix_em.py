@@ -51,9 +51,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from capsjax.ops import floating, reduction_dtype
+from capsjax.ops import concrete, floating, reduction_dtype
 from capsjax.routing._common import Routed, as_param, check_iterations, check_positive
 
 
@@ -105,8 +106,9 @@ def em(
     n_in, n_out = votes.shape[len(lead) : len(lead) + 2]
     if n_in == 0 or n_out == 0:
         raise ValueError(f"EM routing needs at least one child and one parent capsule, got votes {votes.shape}")
-    if not isinstance(activations, jax.core.Tracer) and activations.size:  # checked where concrete (not under jit)
-        low, high = float(jnp.min(activations)), float(jnp.max(activations))
+    values = concrete(activations)  # checked where known (not when traced)
+    if values is not None:
+        low, high = float(np.min(values)), float(np.max(values))
         if not 0.0 <= low <= high <= 1.0:  # NaN too
             raise ValueError(
                 f"EM routing: activations must be probabilities in [0, 1], got values in [{low:g}, {high:g}] "
