@@ -179,13 +179,18 @@ class StopSignal:
     def __init__(self, should_stop: Callable[[], bool] | None = None):
         self.should_stop = should_stop
         self.multi = jax.process_count() > 1
+        self.calls = 0  # steps of this launch: the sync point's step ids
 
     def at_step(self, step: int) -> bool:
-        """Called after every training step, with the step count."""
+        """Called after every training step (``step``: the run's step count, which the processes share)."""
         if self.multi:
             from jax.experimental import multihost_utils
 
-            return multihost_utils.reached_preemption_sync_point(step)
+            # JAX's ids must count from this launch's first call, not the run's step: a notice before the first call
+            # (while the data load or the compiler runs) puts the sync point at id 1, which a resumed run's step
+            # count would have passed already, and the run would never stop.
+            self.calls += 1
+            return multihost_utils.reached_preemption_sync_point(self.calls)
         return self.now()
 
     def now(self) -> bool:

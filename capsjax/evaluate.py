@@ -208,14 +208,28 @@ def _unit_images(images: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
     return images.astype(np.float32)
 
 
+def _gather(steps: Steps, out: Any, *local: np.ndarray) -> tuple[Any, ...]:
+    """The whole global batch on the host: the outputs ``out`` (sharded over every process's devices) and the global
+    arrays whose process slices are ``local``, laid out as ``out`` is. One process: ``out`` as is."""
+    if jax.process_count() == 1:
+        return (jax.device_get(out), *local)
+    from jax.experimental import multihost_utils
+
+    arrays = (out, *(global_batch(steps.data_sharding, a) for a in local))
+    return tuple(multihost_utils.process_allgather(arrays, tiled=True))
+
+
 def predict_arrays(steps: Steps, params: Any, images: np.ndarray, batch_size: int = 100):
     """:func:`predict` for compiled ``steps`` and ``params``: ``images`` [N, H, W, C] (N >= 1), uint8 or float in
     [0, 1]. Returns the model's output tuple of NumPy arrays."""
     outputs = []
-    for mask, x in padded_batches((images,), _device_multiple(batch_size, steps)):  # one program for every N
-        out = jax.device_get(steps.predict(params, global_batch(steps.data_sharding, x)))
-        valid = int(mask.sum())
-        outputs.append(jax.tree.map(lambda a: a[:valid], out))
+    index = np.arange(len(images))
+    for mask, where, x in padded_batches((index, images), _device_multiple(batch_size, steps)):  # one program for any N
+        out = steps.predict(params, global_batch(steps.data_sharding, x))
+        out, mask, where = _gather(steps, out, mask, where)
+        keep = mask.astype(bool)
+        order = np.argsort(where[keep], kind="stable")  # the images' order (the mesh may place processes' rows apart)
+        outputs.append(jax.tree.map(lambda a: a[keep][order], out))
     return type(outputs[0])(*(None if parts[0] is None else np.concatenate(parts) for parts in zip(*outputs)))
 
 

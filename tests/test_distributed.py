@@ -293,3 +293,17 @@ def test_a_lock_left_on_another_host_is_taken_over_only_when_its_run_is_idle(tmp
     os.utime(tmp_path / "LOCK", (old, old))
     assert lock.take_over_idle(600) is None  # this host's: acquire() judges it by its pid
 
+
+def test_preemption_sync_ids_count_this_launchs_steps(monkeypatch):
+    # JAX stops at the id after the largest id any process has passed: a notice that came before the first call (while
+    # the data loaded or the step compiled) set it to 1, which a resumed run, calling with its global step, never met
+    from jax.experimental import multihost_utils
+
+    ids = []
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step_id: ids.append(step_id) or False)
+    signal = distributed.StopSignal()
+    signal.multi = True  # as in a multi-process run
+    for step in (1201, 1202, 1203):  # resumed at step 1200
+        assert signal.at_step(step) is False
+    assert ids == [1, 2, 3]
+
