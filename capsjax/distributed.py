@@ -118,6 +118,25 @@ def all_processes(flag: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
 
 
+def check_same(what: str, value: str) -> None:
+    """In a multi-process run, that every process holds the same ``value`` (e.g. its settings and its data's
+    fingerprint) as process 0: otherwise they would train on mismatched examples, or hang in mismatched collectives
+    when their step counts differ. A collective: every process must call it."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(hashlib.sha256(value.encode()).digest()[:16], np.int32)
+    agrees = bool(np.array_equal(multihost_utils.broadcast_one_to_all(mine), mine))
+    if not all_processes(agrees):
+        raise DistributedError(
+            f"the processes differ in {what} (process {jax.process_index()} {'agrees' if agrees else 'differs'} "
+            "with process 0): launch every process with the same command and the same data files"
+        )
+
+
 def barrier(name: str) -> None:
     """Waits until every process reaches the barrier ``name``."""
     if jax.process_count() > 1:

@@ -30,14 +30,15 @@ def _env(devices: int, **extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices), **extra}
 
 
-def _pair(workdirs, port, args=(), **env):
-    """Starts processes 0 and 1 (``workdirs``: one path for both, or one each) with ``args`` after :data:`ARGS`."""
+def _pair(workdirs, port, args=(), own=((), ()), **env):
+    """Starts processes 0 and 1 (``workdirs``: one path for both, or one each) with ``args`` after :data:`ARGS`, and
+    each its ``own`` arguments after those."""
     if not isinstance(workdirs, (list, tuple)):
         workdirs = (workdirs, workdirs)
     return [
         subprocess.Popen(
-            [sys.executable, str(ROOT / "train.py"), *ARGS, *args, "--workdir", str(w), "--coordinator-address",
-             f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+            [sys.executable, str(ROOT / "train.py"), *ARGS, *args, *own[i], "--workdir", str(w),
+             "--coordinator-address", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
             env=_env(2, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         for i, w in enumerate(workdirs)
@@ -129,3 +130,14 @@ def test_a_dead_peer_ends_the_other_process_with_one_line(tmp_path):
     assert len(stderr.strip().splitlines()) == 1, stderr[-3000:]
     assert "Check failure" not in stderr and "Traceback" not in stderr, stderr[-3000:]
     assert not (work / "LOCK").exists()  # released: a relaunch with process 0 on another host may take the workdir
+
+
+def test_processes_launched_with_other_settings_are_refused(tmp_path):
+    # each process trained with its own seed (or data) without a word: mismatched examples, or a hang when their step
+    # counts differed
+    results = _finish(_pair(tmp_path / "w", _free_port(), own=((), ("--set", "seed=1"))))
+    for code, _, stderr in results:
+        assert code == 1 and "the processes differ in their settings or data" in stderr, stderr[-3000:]
+        assert len(stderr.strip().splitlines()) == 1, stderr[-3000:]
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
