@@ -175,10 +175,17 @@ def check_shared(workdir: Path, timeout: float | None = None) -> None:
     if jax.process_index() == 0:
         marker.write_text(str(token))
     deadline = time.monotonic() + (SHARED_TIMEOUT_S if timeout is None else timeout)
-    seen = marker.exists()
+
+    def listed() -> bool:  # a listing re-reads the folder, where NFS may cache "no such file" for a lookup by name
+        try:
+            return marker.name in os.listdir(marker.parent)
+        except OSError:
+            return False
+
+    seen = listed()
     while not seen and time.monotonic() < deadline:
         time.sleep(0.2)
-        seen = marker.exists()
+        seen = listed()
     everyone = all_processes(seen)
     if jax.process_index() == 0:
         marker.unlink(missing_ok=True)
