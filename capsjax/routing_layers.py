@@ -104,6 +104,7 @@ class CapsuleLayer(nnx.Module):
         n_in, _, _, d_in = self.W.shape
         if u.ndim < 2 or u.shape[-2:] != (n_in, d_in):
             raise ValueError(f"CapsuleLayer expects capsules [B, {n_in}, {d_in}], got {u.shape}")
+        ops.floating(u, "CapsuleLayer's capsules")  # (the fast kernels took integers the textbook ones refuse)
 
     def __call__(self, u: jax.Array, activations: jax.Array | None = None) -> algorithms.Routed:
         """Routes ``u`` (and, for EM, the children's ``activations``); returns a :class:`capsjax.routing.Routed`
@@ -111,6 +112,8 @@ class CapsuleLayer(nnx.Module):
         if self.routing == "em":
             if activations is None:
                 raise ValueError("EM routing needs the children's activations [B, n_in]")
+        elif activations is not None:  # ignored, it would be a wrong model without a word
+            raise ValueError(f"routing {self.routing!r} takes no activations: they are EM's")
             return algorithms.em(self.votes(u), activations, self.beta_u[...], self.beta_a[...], self.num_iterations,
                                  final_inverse_temperature=self.em_inverse_temperature)
         if self.routing == "dynamic" and resolve_kernels(self.kernels) == "fast":

@@ -234,3 +234,15 @@ def test_readme_routing_table_is_generated_from_results(monkeypatch):
     monkeypatch.chdir(root)
     for folder in ("results/routing", "results/em_temperature"):  # SystemExit names the command to rerun
         table.main([folder, "--write", "README.md", "--check"])
+
+
+def test_capsule_layer_refuses_what_it_would_ignore_or_compute_in_integers():
+    layer = capsjax.CapsuleLayer(6, 4, 3, 8, rngs=nnx.Rngs(0))  # dynamic routing
+    u = jnp.ones((2, 6, 4))
+    with pytest.raises(ValueError, match="routing 'dynamic' takes no activations: they are EM's"):
+        layer(u, jnp.ones((2, 6)))  # was ignored
+    for kernels in ("fast", "textbook"):  # the fast kernels routed integers
+        layer = capsjax.CapsuleLayer(6, 4, 3, 8, kernels=kernels, rngs=nnx.Rngs(0))
+        with pytest.raises(TypeError, match="must be floating point"):
+            layer(u.astype(jnp.int32))
+
