@@ -109,11 +109,11 @@ class CapsuleLayer(nnx.Module):
     def __call__(self, u: jax.Array, activations: jax.Array | None = None) -> algorithms.Routed:
         """Routes ``u`` (and, for EM, the children's ``activations``); returns a :class:`capsjax.routing.Routed`
         whose activations are the class scores of the table in the module docstring."""
+        if self.routing != "em" and activations is not None:  # ignored, it would be a wrong model without a word
+            raise ValueError(f"routing {self.routing!r} takes no activations: they are EM's")
         if self.routing == "em":
             if activations is None:
                 raise ValueError("EM routing needs the children's activations [B, n_in]")
-        elif activations is not None:  # ignored, it would be a wrong model without a word
-            raise ValueError(f"routing {self.routing!r} takes no activations: they are EM's")
             return algorithms.em(self.votes(u), activations, self.beta_u[...], self.beta_a[...], self.num_iterations,
                                  final_inverse_temperature=self.em_inverse_temperature)
         if self.routing == "dynamic" and resolve_kernels(self.kernels) == "fast":
