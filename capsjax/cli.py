@@ -71,7 +71,7 @@ def build_train_parser(prog: str = "capsjax-train") -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any config field, e.g. --set model.class_dim=16 (repeatable)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar (plain log lines instead)")
-    group = parser.add_argument_group("multi-process runs (one process per host; see the README)")
+    group = parser.add_argument_group("multi-process runs (one process per TPU host or per GPU; see the README)")
     group.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                        help=f"process 0's host and a free port (or ${ENV_ADDRESS})")  # fmt: skip
     group.add_argument("--num-processes", type=int, default=None, help=f"number of processes (or ${ENV_PROCESSES})")

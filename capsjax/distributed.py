@@ -118,22 +118,28 @@ def all_processes(flag: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def check_same(what: str, value: str) -> None:
-    """In a multi-process run, that every process holds the same ``value`` (e.g. its settings and its data's
-    fingerprint) as process 0: otherwise they would train on mismatched examples, or hang in mismatched collectives
-    when their step counts differ. A collective: every process must call it."""
+def check_same(parts: dict[str, str]) -> None:
+    """In a multi-process run, that every process holds the same value of each of ``parts`` (e.g. ``{"settings":
+    ..., "data": ...}``) as process 0: otherwise they would train on mismatched examples, or hang in mismatched
+    collectives when their step counts differ. A collective: every process must call it (with the same names); every
+    process raises the same error, naming the processes and the parts that differ."""
     if jax.process_count() == 1:
         return
     import hashlib
 
     from jax.experimental import multihost_utils
 
-    mine = np.frombuffer(hashlib.sha256(value.encode()).digest()[:16], np.int32)
-    agrees = bool(np.array_equal(multihost_utils.broadcast_one_to_all(mine), mine))
-    if not all_processes(agrees):
+    mine = np.stack([np.frombuffer(hashlib.sha256(v.encode()).digest()[:16], np.int32) for v in parts.values()])
+    everyone = np.asarray(multihost_utils.process_allgather(mine))  # [processes, parts, 4]
+    differs = (everyone != everyone[:1]).any(axis=-1)  # [processes, parts]
+    if differs.any():
+        which = [name for name, bad in zip(parts, differs.any(axis=0)) if bad]
+        processes = [int(p) for p in np.flatnonzero(differs.any(axis=1))]
+        listed = ", ".join(map(str, processes))
+        named = f"processes {listed} differ" if len(processes) > 1 else f"process {listed} differs"
         raise DistributedError(
-            f"the processes differ in {what} (process {jax.process_index()} {'agrees' if agrees else 'differs'} "
-            "with process 0): launch every process with the same command and the same data files"
+            f"{named} from process 0 in their {' and '.join(which)}: launch every process with the same command and "
+            "the same data files"
         )
 
 

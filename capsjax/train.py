@@ -97,13 +97,16 @@ def train_and_evaluate(
     if steps_per_epoch == 0:
         raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(datasets.train[0])} training examples")
 
-    # every process the same settings (data_dir aside: a copy of the files may sit elsewhere on each host) and data
-    settings, fingerprint = json.dumps({**to_dict(config), "data_dir": None}, sort_keys=True), datasets.fingerprint()
-    distributed.check_same("their settings or data", settings + (fingerprint or ""))
+    # every process the same settings and data (data_dir aside: a copy of the files may sit elsewhere on each host;
+    # progress aside: only process 0 draws)
+    settings = json.dumps({**to_dict(config), "data_dir": None, "progress": None}, sort_keys=True)
+    fingerprint, scored = datasets.fingerprint(), datasets.scored_sha256()
+    also = {name: datalib.arrays_sha256(*arrays) for name, arrays in datasets.also_test.items()}
+    distributed.check_same({"settings": settings, "data": json.dumps([fingerprint, scored, also], sort_keys=True)})
     lock = distributed.lock_workdir(WorkdirLock(workdir))  # 3. work directory and state
     try:
         distributed.check_shared(workdir)
-        config = apply_resume_rules(config, workdir, fingerprint, datasets.scored_sha256())
+        config = apply_resume_rules(config, workdir, fingerprint, scored)
         graphdef, state = init_state(config.model, config.optim, config.seed, mesh)
         run = _open_run(config, workdir, datasets, steps_per_epoch, state, should_stop)
         augment = datalib.train_augmentation(
