@@ -248,9 +248,9 @@ def check_resume(previous: TrainConfig, current: TrainConfig, workdir: Path, all
         )
 
 
-# what a capsjax run writes first (the lock, then config.json; metrics and checkpoints follow): a folder holding none of
-# them is not a run of ours
-RUN_FILES = ("LOCK", "config.json", "metrics.jsonl", "checkpoints")
+# what a capsjax run writes (the lock, then config.json; the rest follow; a folder a user cleared for a fresh start may
+# keep only some): a folder holding none of them is not a run of ours
+RUN_FILES = ("LOCK", "config.json", "metrics.jsonl", "checkpoints", "tensorboard", DATA, DIVERGED, "results.json")
 
 
 def check_workdir(workdir: Path) -> None:

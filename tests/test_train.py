@@ -268,6 +268,9 @@ def test_training_among_other_files_is_refused_and_leaves_them_alone(tmp_path):
     from capsjax.workdir import check_workdir
 
     check_workdir(fresh)
+    (fresh / "tensorboard").mkdir()  # a run's folder cleared of its checkpoints and config for a fresh start
+    (fresh / "notes.txt").write_text("x")
+    check_workdir(fresh)
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file: pass a folder"):
         train_and_evaluate(SMOKE, tmp_path / "file")
