@@ -499,4 +499,7 @@ def test_download_mnist_from_a_mirror_without_tensorflow(tmp_path):
         server.server_close()
     with pytest.raises(datalib.DataError, match=r"cannot download http://127.0.0.1:1/train-images.* by hand"):
         datalib.download_mnist(tmp_path / "offline", base_url="http://127.0.0.1:1/", files=files, log=lambda _: None)
+    from capsjax.data.__main__ import main  # python -m capsjax.data download mnist: the same, one line
+
+    assert main(["download", "mnist", "--dir", str(tmp_path / "cli"), "--mirror", "http://127.0.0.1:1/"]) == 1
 
