@@ -97,12 +97,13 @@ def train_and_evaluate(
     if steps_per_epoch == 0:
         raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(datasets.train[0])} training examples")
 
-    # every process the same settings and data (data_dir aside: a copy of the files may sit elsewhere on each host;
-    # progress aside: only process 0 draws)
-    settings = json.dumps({**to_dict(config), "data_dir": None, "progress": None}, sort_keys=True)
     fingerprint, scored = datasets.fingerprint(), datasets.scored_sha256()
-    also = {name: datalib.arrays_sha256(*arrays) for name, arrays in datasets.also_test.items()}
-    distributed.check_same({"settings": settings, "data": json.dumps([fingerprint, scored, also], sort_keys=True)})
+    if jax.process_count() > 1:  # every process the same settings and data (data_dir aside: a copy of the files may
+        # sit elsewhere on each host; progress aside: only process 0 draws)
+        settings = json.dumps({**to_dict(config), "data_dir": None, "progress": None}, sort_keys=True)
+        also = {name: datalib.arrays_sha256(*arrays) for name, arrays in datasets.also_test.items()}
+        data = json.dumps([fingerprint, scored, also], sort_keys=True)
+        distributed.check_same({"settings": settings, "data": data})
     lock = distributed.lock_workdir(WorkdirLock(workdir))  # 3. work directory and state
     try:
         distributed.check_shared(workdir)

@@ -280,9 +280,10 @@ def check_workdir(workdir: Path) -> None:
     config = workdir / "config.json"
     if config.exists() and not _has_checkpoints(workdir):  # replaced when the run starts: only our own
         try:
-            if not is_saved_config(read_json(config, "it is not a run's", ConfigError)):
+            recorded = read_json(config, "it is not a run's", ConfigError)
+            if not is_saved_config(recorded):
                 raise ConfigError("no model and optim of capsjax's")
-            load_config(config)
+            from_dict(TrainConfig, recorded)  # the fields load_config would read
         except ConfigError as error:
             raise ConfigError(
                 f"{workdir} holds a config.json that is not a capsjax run's ({error}); train in a new or empty folder"

@@ -46,6 +46,7 @@ def self_attention(u_hat: jax.Array, *, log_priors: jax.Array | None = None) -> 
       (:func:`~capsjax.ops.safe_norm`: ``sqrt(|v_j|^2 + 1e-7)``, about 3e-4 for ``v_j = 0``), assignments ``c``
       ``[..., n_in, n_out]`` (before the priors are added), summing to 1 over ``n_out``.
     """
+    u_hat = jnp.asarray(u_hat)
     u = check_vector_votes(u_hat, "self-attention routing")
     d = u.shape[-1]
     total = jnp.sum(u, axis=-3, keepdims=True)  # [..., 1, j, d]: sum_k u_hat_j|k
@@ -53,4 +54,4 @@ def self_attention(u_hat: jax.Array, *, log_priors: jax.Array | None = None) -> 
     c = jax.nn.softmax(agreement, axis=-1)  # [..., i, j], over the parents
     weights = c if log_priors is None else c + as_param(log_priors, u.dtype, c.shape, "log_priors")
     v = exp_squash(jnp.einsum("...ij,...ijd->...jd", weights, u))
-    return Routed(v.astype(jnp.asarray(u_hat).dtype), safe_norm(v, axis=-1), c)
+    return Routed(v.astype(u_hat.dtype), safe_norm(v, axis=-1), c)

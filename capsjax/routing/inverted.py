@@ -62,6 +62,7 @@ def inverted_attention(
     """
     check_iterations(num_iterations)
     check_positive(epsilon, "epsilon", "Layer Normalization divides by sqrt(variance + epsilon)")
+    u_hat = jnp.asarray(u_hat)
     u = check_vector_votes(u_hat, "inverted attention routing")
 
     def iteration(_, carry):
@@ -69,7 +70,7 @@ def inverted_attention(
 
     carry = _step(u, None, scale, offset, epsilon)
     v, r = lax.fori_loop(0, num_iterations - 1, iteration, carry)
-    return Routed(v.astype(jnp.asarray(u_hat).dtype), None, r)
+    return Routed(v.astype(u_hat.dtype), None, r)
 
 
 def concurrent_inverted_attention(
