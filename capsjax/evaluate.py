@@ -346,11 +346,12 @@ def evaluate_workdir(
         metrics["note"] = DATASET_NOTES[name]
     stem = f"eval_{split}" if own else f"eval_{name.replace('/', '_')}_{split}"
     write_atomic(out_dir / f"{stem}.json", json.dumps(metrics, indent=2) + "\n")
-    if figures and jax.process_index() == 0:
+    if figures:  # every process predicts what the figures show (one computation over all devices); process 0 draws
+        draw = jax.process_index() == 0
         if own:
-            paths = _figures(run, images, labels, metrics, Path(workdir), out_dir)
+            paths = _figures(run, images, labels, metrics, Path(workdir), out_dir, draw)
         else:
-            paths = _transfer_figures(run, images, labels, metrics, name.replace("/", "_"), out_dir)
+            paths = _transfer_figures(run, images, labels, metrics, name.replace("/", "_"), out_dir, draw)
         metrics["figures"] = [str(p) for p in paths]
     return metrics
 
@@ -371,13 +372,17 @@ def _refuse_other_data(config: TrainConfig, name: str, split: str, data_dir: str
     )
 
 
-def _transfer_figures(run: Run, images, labels, metrics, name: str, out_dir: Path, count: int = 12) -> list[Path]:
+def _transfer_figures(
+    run: Run, images, labels, metrics, name: str, out_dir: Path, draw: bool = True, count: int = 12
+) -> list[Path]:
     """Examples of another dataset (the wrong predictions among the first 500 first, then right ones) and its
-    confusion matrix."""
+    confusion matrix: predicted on every process, drawn where ``draw`` (else none, and no paths)."""
     from capsjax import viz
 
     head = images[:500]
     out = predict(run, head)
+    if not draw:
+        return []
     predictions = class_scores(run, out).argmax(-1)
     wrong = np.flatnonzero(predictions != labels[:500])
     right = np.flatnonzero(predictions == labels[:500])
@@ -394,25 +399,30 @@ def _transfer_figures(run: Run, images, labels, metrics, name: str, out_dir: Pat
     return paths
 
 
-def _figures(run: Run, images, labels, metrics, workdir: Path, out_dir: Path) -> list[Path]:
+def _figures(run: Run, images, labels, metrics, workdir: Path, out_dir: Path, draw: bool = True) -> list[Path]:
+    """The run's figures: what they show is predicted and decoded on every process (in a multi-process run, one
+    computation over all devices), then drawn where ``draw`` (else none, and no paths)."""
     from capsjax import viz
 
-    paths = []
     sample = images[:10]
     out = predict(run, sample)
     predictions = class_scores(run, out).argmax(-1)
     recon = getattr(out, "reconstructions", None)
-    if recon is not None and recon.ndim == 5:  # k objects per image
-        paths.append(viz.plot_multidigit(multidigit_groups(run, images, labels), out_dir / "multimnist.png"))
+    groups = multidigit_groups(run, images, labels) if recon is not None and recon.ndim == 5 else None  # k objects
+    if recon is not None:
+        first, label = out.capsules[0], int(predictions[0])
+        posed = decode(run, viz.perturbed_capsules(first, label))
+    if not draw:
+        return []
+    paths = []
+    if groups is not None:
+        paths.append(viz.plot_multidigit(groups, out_dir / "multimnist.png"))
     elif recon is not None:
         paths.append(
             viz.plot_reconstructions(sample, out.reconstructions, labels[:10], predictions, out_dir / "reconstructions.png")
         )
     if recon is not None:
-        first = out.capsules[0]
-        paths.append(
-            viz.plot_pose_grid(lambda c: decode(run, c), first, int(predictions[0]), out_dir / "pose_grid.png")
-        )
+        paths.append(viz.plot_pose_grid(lambda _: posed, first, label, out_dir / "pose_grid.png"))
     if "confusion" in metrics:
         confusion = np.asarray(metrics["confusion"])
         paths.append(viz.plot_confusion_matrix(confusion, out_dir / "confusion.png", class_names_for(metrics)))

@@ -192,3 +192,48 @@ def test_prediction_across_processes_keeps_the_images_order(tmp_path):
     np.testing.assert_allclose(two["lengths"], one.lengths, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(two["reconstructions"], one.reconstructions, rtol=1e-4, atol=1e-6)
 
+
+
+EVALUATE = """
+import sys
+from capsjax import distributed
+from capsjax.evaluate import evaluate_workdir
+
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+metrics = evaluate_workdir(sys.argv[3], out_dir=sys.argv[4])
+print(metrics["accuracy"], len(metrics["figures"]))
+"""
+
+
+def test_evaluate_workdir_with_figures_across_processes(tmp_path):
+    # the figures' predictions (and the pose grid's decodings) ran on process 0 alone, a computation over every
+    # process's devices that the others never joined: a library call of evaluate_workdir hung in a multi-process run
+    import dataclasses
+
+    from capsjax.config import get_config
+    from capsjax.evaluate import evaluate_workdir
+    from capsjax.train import train_and_evaluate
+
+    workdir = tmp_path / "run"
+    train_and_evaluate(dataclasses.replace(get_config("smoke"), epochs=1, progress=False), workdir)
+    one = evaluate_workdir(workdir, out_dir=tmp_path / "one")
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", EVALUATE, f"localhost:{port}", str(i), str(workdir), str(tmp_path / f"out{i}")],
+            env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        results = _finish(procs, timeout=240)
+    finally:
+        for p in procs:
+            p.kill()
+    for code, _, stderr in results:
+        assert code == 0, stderr[-3000:]
+    (accuracy0, drawn0), (accuracy1, drawn1) = (out.splitlines()[-1].split() for _, out, _ in results)
+    assert float(accuracy0) == float(accuracy1) == one["accuracy"]
+    assert int(drawn0) == len(one["figures"]) >= 4 and int(drawn1) == 0  # drawn once, by process 0
+    assert sorted(p.name for p in (tmp_path / "out0").glob("*.png")) == sorted(Path(p).name for p in one["figures"])
+    assert not list((tmp_path / "out1").glob("*.png"))
