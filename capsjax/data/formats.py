@@ -105,13 +105,12 @@ def _find_file(directory: Path, candidates: Sequence[str], what: str) -> Path:
 
 
 def _idx_candidates(prefix: str, base: str, kind: str) -> list[str]:
-    """File names for (base "train"/"test", kind "images"/"labels"): prefixed and plain, '-' and '.', raw and .gz."""
+    """File names for (base "train"/"test", kind "images"/"labels"): with the dataset's ``prefix`` only (EMNIST's
+    names say which of its sets a file is; plain names are MNIST's), '-' and '.', raw and .gz."""
     rank = 3 if kind == "images" else 1
     stems = ("train",) if base == "train" else ("t10k", "test")
-    prefixes = (prefix, "") if prefix else ("",)
     return [
-        f"{p}{stem}-{kind}{sep}idx{rank}-ubyte{ext}"
-        for p in prefixes
+        f"{prefix}{stem}-{kind}{sep}idx{rank}-ubyte{ext}"
         for stem in stems
         for sep in ("-", ".")
         for ext in (".gz", "")
@@ -126,7 +125,7 @@ def _read_idx_expecting(path: Path, magic: int, what: str) -> np.ndarray:
 
 
 def load_idx_pair(directory: Path, base: str, what: str, prefix: str = "", transpose: bool = False) -> Arrays:
-    """The images and labels IDX files of ``base`` in ``directory`` (file names with or without ``prefix``);
+    """The images and labels IDX files of ``base`` in ``directory`` (file names starting with ``prefix``);
     ``transpose`` swaps H and W (EMNIST stores its images transposed)."""
     image_path = _find_file(directory, _idx_candidates(prefix, base, "images"), f"{what} {base} images")
     label_path = _find_file(directory, _idx_candidates(prefix, base, "labels"), f"{what} {base} labels")
