@@ -316,7 +316,7 @@ def evaluate_workdir(
       ``per_class_accuracy`` [K], ``confusion`` [K, K]) plus ``split``, ``checkpoint``, ``step``, ``dataset``,
       ``data_sha256`` (of the scored images and labels: :func:`capsjax.data.arrays_sha256`), ``note`` for a dataset
       that needs one (``affine_mnist``: an approximation of affNIST) and, with ``figures``,
-      the written ``figures`` paths.
+      the written ``figures`` paths (in a multi-process program: process 0 draws them, the others get none).
     """
     from capsjax import data as datalib
     from capsjax.data.canvas import DATASET_NOTES

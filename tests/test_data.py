@@ -218,13 +218,13 @@ def test_emnist_prefixed_files_are_transposed(tmp_path):
     np.testing.assert_array_equal(labels, arrays["test"][1])
 
 
-
 def test_emnist_refuses_a_folder_of_plain_mnist_names(tmp_path):
     # EMNIST fell back to unprefixed names: a folder of MNIST's files loaded as emnist/letters (their labels 0..9 lie
     # in its 27 classes), transposed, without a word
     _write_idx_dir(tmp_path / "mnist")
     with pytest.raises(datalib.DataError, match="emnist-letters-t10k-images-idx3-ubyte.gz"):
         datalib.load("emnist/letters", "test", tmp_path / "mnist")
+
 
 def test_cifar10_binary_version(tmp_path):
     rng = np.random.default_rng(0)

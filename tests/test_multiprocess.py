@@ -193,7 +193,6 @@ def test_prediction_across_processes_keeps_the_images_order(tmp_path):
     np.testing.assert_allclose(two["reconstructions"], one.reconstructions, rtol=1e-4, atol=1e-6)
 
 
-
 EVALUATE = """
 import sys
 from capsjax import distributed
