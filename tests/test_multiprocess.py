@@ -53,6 +53,22 @@ def _wait_for_checkpoint(workdir: Path, step: int, procs, timeout=300.0):
         time.sleep(0.2)
 
 
+def _script_pair(script: str, args=lambda i: ()):
+    """Runs the Python ``script`` as processes 0 and 1 of one run (its argv: the coordinator's address, the process
+    index, then ``args(index)``) to the end; their (return code, stdout, stderr)."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, f"localhost:{port}", str(i), *args(i)], env=_env(2),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        return _finish(procs, timeout=240)
+    finally:
+        for p in procs:
+            p.kill()
+
+
 def _finish(procs, timeout=300):
     out = []
     for p in procs:
@@ -175,13 +191,8 @@ def test_prediction_across_processes_keeps_the_images_order(tmp_path):
     from capsjax.evaluate import predict_arrays
     from capsjax.steps import init_state, make_steps
 
-    port, result = _free_port(), tmp_path / "two.npz"
-    procs = [
-        subprocess.Popen([sys.executable, "-c", PREDICT, f"localhost:{port}", str(i), str(result)], env=_env(2),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        for i in range(2)
-    ]
-    for code, _, stderr in _finish(procs):
+    result = tmp_path / "two.npz"
+    for code, _, stderr in _script_pair(PREDICT, lambda i: (str(result),)):
         assert code == 0, stderr[-3000:]
     config = get_config("smoke")
     graphdef, state = init_state(config.model, config.optim, 0)
@@ -216,19 +227,7 @@ def test_evaluate_workdir_with_figures_across_processes(tmp_path):
     workdir = tmp_path / "run"
     train_and_evaluate(dataclasses.replace(get_config("smoke"), epochs=1, progress=False), workdir)
     one = evaluate_workdir(workdir, out_dir=tmp_path / "one")
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", EVALUATE, f"localhost:{port}", str(i), str(workdir), str(tmp_path / f"out{i}")],
-            env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    try:
-        results = _finish(procs, timeout=240)
-    finally:
-        for p in procs:
-            p.kill()
+    results = _script_pair(EVALUATE, lambda i: (str(workdir), str(tmp_path / f"out{i}")))
     for code, _, stderr in results:
         assert code == 0, stderr[-3000:]
     (accuracy0, drawn0), (accuracy1, drawn1) = (out.splitlines()[-1].split() for _, out, _ in results)
